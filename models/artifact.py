@@ -1,0 +1,64 @@
+"""Model artifacts: state_dict + plain values, loaded with weights_only=True; never pickled modules.
+
+A pruned model is saved as its state_dict plus torch-pruning's pruning history, and rebuilt by
+building the architecture from its name, replaying the history on torch-pruning's dependency graph,
+then loading the state_dict (as in Torch-Pruning's tests/test_load.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.artifacts import torch_load, torch_save
+
+FORMAT = "edgepipe-model/1"
+
+
+def _plain_history(history) -> list:
+    """torch-pruning history -> [[layer name, is_out_channel, [indices]]] of plain Python values."""
+    out = []
+    for name, is_out, idxs in history:
+        idxs = idxs.tolist() if hasattr(idxs, "tolist") else [int(i) for i in idxs]
+        out.append([str(name), bool(is_out), idxs])
+    return out
+
+
+def save_model_artifact(path, model: torch.nn.Module, *, name: str, classes: list[str], preprocessing: dict,
+                        pruning_history=None, extra: dict | None = None) -> None:
+    model = getattr(model, "module", model)  # unwrap DDP
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    torch_save({
+        "format": FORMAT,
+        "name": name,
+        "classes": list(classes),
+        "num_classes": len(classes),
+        "preprocessing": preprocessing,
+        "pruning_history": _plain_history(pruning_history) if pruning_history else None,
+        "extra": extra or {},
+        "state_dict": state,
+    }, path)
+
+
+def rebuild_pruned(model: torch.nn.Module, history: list, input_size) -> torch.nn.Module:
+    """Replay a pruning history on a freshly built (unpruned) model of the same architecture."""
+    import torch_pruning as tp
+
+    model.eval()
+    example = torch.zeros(1, *input_size)
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    dg.load_pruning_history([(n, o, list(i)) for n, o, i in history])
+    return model
+
+
+def load_model_artifact(path, device="cpu") -> tuple[torch.nn.Module, dict]:
+    from models.build import build_model
+
+    blob = torch_load(path)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a model artifact of this pipeline (format {FORMAT})")
+    model, _ = build_model(blob["name"], blob["num_classes"], weights="none")
+    if blob.get("pruning_history"):
+        rebuild_pruned(model, blob["pruning_history"], blob["preprocessing"]["input_size"])
+    model.load_state_dict(blob["state_dict"], strict=True)
+    model.to(device).eval()
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    return model, meta

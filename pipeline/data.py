@@ -1,0 +1,380 @@
+"""Data: the embedded default set, splits, dataset checks, transforms and loaders.
+
+- `data.root` is an ImageFolder (one subfolder per class). With `train/` and `val/` (and optionally
+  `test/`) subfolders those are the splits; otherwise a stratified split with `data.split_seed` is
+  made once and saved to `run.dir/splits.json`, so every stage and every rerun sees the same.
+- `builtin:digits` materializes scikit-learn's digits (1,797 real 8x8 scans of handwritten digits,
+  shipped inside the scikit-learn wheel, so it works offline on any OS) as an ImageFolder.
+- Augmentation is seeded per (seed, epoch, sample index): a resumed run, a run with another number of
+  DataLoader workers and a DDP run see exactly the same augmented images.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline import artifacts
+from pipeline.preprocess import BadImageError, make_preprocessing, open_image
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+class DataError(ValueError):
+    """The dataset can't be used as it is; the message names the fix."""
+
+
+@dataclass
+class DataInfo:
+    root: Path
+    classes: list[str]
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+    test_is_val: bool
+    fingerprint: str
+    skipped: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict:
+        return {s: len(getattr(self, s)) for s in ("train", "val", "test")}
+
+
+# ----------------------------------------------------------------------------- embedded default data
+
+def data_home() -> Path:
+    return Path(os.environ.get("EDGEPIPE_DATA_HOME", Path.home() / ".cache" / "edgepipe"))
+
+
+def materialize_digits(target: Path | None = None) -> Path:
+    """scikit-learn's digits -> ImageFolder of 8x8 grayscale PNGs (written once, atomically)."""
+    target = Path(target or data_home() / "digits")
+    if (target / ".complete").exists():
+        return target
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".digits.", dir=target.parent))
+    try:
+        for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+            folder = tmp / str(label)
+            folder.mkdir(exist_ok=True)
+            pixels = (img * (255.0 / 16.0)).round().clip(0, 255).astype("uint8")
+            Image.fromarray(pixels, mode="L").save(folder / f"digit_{i:04d}.png")
+        (tmp / ".complete").write_text("scikit-learn digits (BSD-3-Clause), 8x8 grayscale\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_root(root: str) -> Path:
+    if root == "builtin:digits":
+        return materialize_digits()
+    if root.startswith("builtin:"):
+        raise DataError(f"data.root={root!r}: the only builtin dataset is builtin:digits")
+    path = Path(os.path.expanduser(root))
+    if not path.is_dir():
+        raise DataError(f"data.root={root!r} is not a folder. Fix: point data.root at an ImageFolder "
+                        f"(one subfolder of images per class), e.g. ARGS=\"data.root=/path/to/photos\"")
+    return path
+
+
+# ----------------------------------------------------------------------------- listing and checks
+
+def _list_class_folder(folder: Path) -> tuple[list[str], dict[str, list[str]]]:
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = {}
+    for c in classes:
+        files[c] = sorted(str(p) for p in (folder / c).rglob("*")
+                          if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith("."))
+    return classes, files
+
+
+def _check_classes(where: Path, classes: list[str], files: dict[str, list[str]]) -> None:
+    if len(classes) < 2:
+        raise DataError(f"{where} has {len(classes)} class folder(s); a classifier needs at least 2. "
+                        f"Fix: put each class's images in its own subfolder, e.g. {where}/cat/*.jpg, "
+                        f"{where}/dog/*.jpg")
+    empty = [c for c in classes if not files[c]]
+    if empty:
+        raise DataError(f"{where}: class folder(s) {empty} contain no images "
+                        f"({', '.join(IMG_EXTENSIONS)}). Fix: add images or remove the folder(s)")
+
+
+def check_images(paths: list[str], policy: str, cache_file: Path | None, fingerprint: str) -> list[str]:
+    """Decode every image once (cached by dataset fingerprint); return the bad ones or raise."""
+    cached = None
+    if cache_file is not None and cache_file.exists():
+        try:
+            cached = artifacts.read_json(cache_file)
+        except (OSError, ValueError):
+            cached = None
+    if cached and cached.get("fingerprint") == fingerprint:
+        bad = cached["bad"]
+    else:
+        bad = []
+        for p in paths:
+            try:
+                open_image(p)
+            except BadImageError as e:
+                bad.append(f"{p}: {e}")
+        if cache_file is not None:
+            artifacts.write_json(cache_file, {"fingerprint": fingerprint, "bad": bad})
+    if bad and policy == "fail":
+        listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise DataError(f"{len(bad)} unreadable or truncated image(s):\n  {listing}\n"
+                        f"Fix: delete or repair them, or set data.bad_images=skip to leave them out")
+    return [b.split(": ", 1)[0] for b in bad]
+
+
+def _stratified_split(classes, files, cfg_data, seed) -> dict[str, list[tuple[str, int]]]:
+    rng = random.Random(seed)
+    out = {"train": [], "val": [], "test": []}
+    for label, c in enumerate(classes):
+        items = list(files[c])
+        rng.shuffle(items)
+        n = len(items)
+        n_val = max(1, round(n * cfg_data.val_fraction)) if cfg_data.val_fraction > 0 else 0
+        n_test = max(1, round(n * cfg_data.test_fraction)) if cfg_data.test_fraction > 0 else 0
+        if n - n_val - n_test < 1 or n < cfg_data.min_images_per_class:
+            raise DataError(
+                f"class {c!r} has {n} image(s): too few for a train/val/test split "
+                f"(need at least {max(cfg_data.min_images_per_class, n_val + n_test + 1)}). "
+                f"Fix: add images to that class, or lower data.val_fraction/data.test_fraction, "
+                f"or data.min_images_per_class")
+        out["test"] += [(p, label) for p in items[:n_test]]
+        out["val"] += [(p, label) for p in items[n_test:n_test + n_val]]
+        out["train"] += [(p, label) for p in items[n_test + n_val:]]
+    return out
+
+
+def prepare_data(cfg, write: bool = True) -> DataInfo:
+    """Resolve data.root, check it, and return the splits (saved to run.dir/splits.json)."""
+    root = resolve_root(cfg.data.root)
+    run_dir = Path(cfg.run.dir)
+    fingerprint = artifacts.fingerprint_tree(root)
+    presplit = (root / "train").is_dir() and (root / "val").is_dir()
+    if presplit:
+        classes, train_files = _list_class_folder(root / "train")
+        _check_classes(root / "train", classes, train_files)
+        splits_files = {"train": train_files}
+        for split in ("val", "test"):
+            if (root / split).is_dir():
+                extra_classes, f = _list_class_folder(root / split)
+                unknown = sorted(set(extra_classes) - set(classes))
+                if unknown:
+                    raise DataError(f"{root / split} has class folder(s) {unknown} that train/ lacks. "
+                                    f"Fix: use the same class folders in every split")
+                splits_files[split] = {c: f.get(c, []) for c in classes}
+        all_paths = [p for s in splits_files.values() for c in classes for p in s.get(c, [])]
+    else:
+        classes, files = _list_class_folder(root)
+        _check_classes(root, classes, files)
+        all_paths = [p for c in classes for p in files[c]]
+
+    bad = set(check_images(all_paths, cfg.data.bad_images, run_dir / "data_check.json" if write else None,
+                           fingerprint))
+    if bad:
+        print(f"[data] skipping {len(bad)} unreadable image(s) (data.bad_images=skip); "
+              f"see {run_dir / 'data_check.json'}")
+
+    if presplit:
+        splits = {s: [(p, i) for i, c in enumerate(classes) for p in fs.get(c, []) if p not in bad]
+                  for s, fs in splits_files.items()}
+        for s in ("train", "val"):
+            if not splits[s]:
+                raise DataError(f"{root / s} has no usable images")
+        test_is_val = "test" not in splits or not splits["test"]
+        if test_is_val:
+            splits["test"] = list(splits["val"])
+        kept_train = {c: [p for p in train_files[c] if p not in bad] for c in classes}
+        _check_classes(root / "train", classes, kept_train)
+    else:
+        kept = {c: [p for p in files[c] if p not in bad] for c in classes}
+        _check_classes(root, classes, kept)
+        splits_file = run_dir / "splits.json"
+        key = {"root": str(root.resolve()), "fingerprint": fingerprint, "seed": cfg.data.split_seed,
+               "val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction,
+               "skipped": sorted(bad)}
+        saved = None
+        if splits_file.exists():
+            try:
+                saved = artifacts.read_json(splits_file)
+            except (OSError, ValueError):
+                saved = None
+        if saved and saved.get("key") == key:
+            splits = {s: [(str(root / p), int(i)) for p, i in saved[s]] for s in ("train", "val", "test")}
+        else:
+            splits = _stratified_split(classes, kept, cfg.data, cfg.data.split_seed)
+            if write:
+                rel = {s: [[os.path.relpath(p, root), i] for p, i in v] for s, v in splits.items()}
+                artifacts.write_json(splits_file, {"key": key, "classes": classes, **rel})
+        test_is_val = False
+    return DataInfo(root=root, classes=classes, train=splits["train"], val=splits["val"], test=splits["test"],
+                    test_is_val=test_is_val, fingerprint=fingerprint, skipped=sorted(bad))
+
+
+# ----------------------------------------------------------------------------- preprocessing + transforms
+
+def resolve_preprocessing(pretrained: dict, cfg_data) -> dict:
+    """The model's pretrained preprocessing, with data.image_size / crop_pct / interpolation applied."""
+    size = cfg_data.image_size or pretrained["crop_size"]
+    crop_pct = cfg_data.crop_pct if cfg_data.crop_pct is not None else \
+        pretrained["crop_size"] / pretrained["resize_size"]
+    interp = cfg_data.interpolation or pretrained["interpolation"]
+    return make_preprocessing(size, pretrained["mean"], pretrained["std"], interp, crop_pct)
+
+
+def _interp(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode(name)
+
+
+def eval_transform(pre: dict):
+    """The torchvision twin of pipeline.preprocess.preprocess (a test checks they agree)."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize(pre["resize_size"], interpolation=_interp(pre["interpolation"])),
+        T.CenterCrop(pre["crop_size"]),
+        T.ToTensor(),
+        T.Normalize(pre["mean"], pre["std"]),
+    ])
+
+
+def train_transform(pre: dict, cfg_data):
+    from torchvision import transforms as T
+
+    interp = _interp(pre["interpolation"])
+    steps = []
+    if cfg_data.scale_min < 1.0:
+        steps.append(T.RandomResizedCrop(pre["crop_size"], scale=(cfg_data.scale_min, 1.0), interpolation=interp))
+    else:
+        steps += [T.Resize(pre["resize_size"], interpolation=interp), T.CenterCrop(pre["crop_size"])]
+    if cfg_data.hflip:
+        steps.append(T.RandomHorizontalFlip())
+    if cfg_data.rotation > 0:
+        steps.append(T.RandomRotation(cfg_data.rotation, interpolation=_interp("bilinear")))
+    if cfg_data.color_jitter > 0:
+        j = cfg_data.color_jitter
+        steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j))
+    if cfg_data.auto_augment == "trivial":
+        steps.append(T.TrivialAugmentWide(interpolation=_interp("bilinear")))
+    elif cfg_data.auto_augment == "randaugment":
+        steps.append(T.RandAugment(interpolation=_interp("bilinear")))
+    steps += [T.ToTensor(), T.Normalize(pre["mean"], pre["std"])]
+    return T.Compose(steps)
+
+
+def is_augmented(cfg_data) -> bool:
+    return (cfg_data.scale_min < 1.0 or cfg_data.hflip or cfg_data.rotation > 0 or cfg_data.color_jitter > 0
+            or cfg_data.auto_augment != "none")
+
+
+class ImageListDataset(Dataset):
+    """(path, label) samples through one or more transforms, augmentation seeded per sample.
+
+    With several transforms (e.g. student and teacher preprocessing) each view is drawn with the
+    same seed, so random crops/flips are the same region of the same photo for both models.
+    """
+
+    def __init__(self, samples, transforms, seed: int = 0, epoch: int = 0):
+        self.samples = samples
+        self.transforms = transforms
+        self.seed = seed
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        image = open_image(path)
+        sample_seed = (self.seed * 1_000_003 + self.epoch * 100_003 + index) % (2 ** 63)
+        views = []
+        for t in self.transforms:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                views.append(t(image))
+        return (*views, label)
+
+
+class EpochSampler(Sampler):
+    """Deterministic per-epoch order, sharded over DDP ranks, able to start mid-epoch.
+
+    Like DistributedSampler (pads to a multiple of world_size), plus `start`: the number of this
+    rank's samples already consumed, so a resumed epoch continues with exactly the same batches.
+    """
+
+    def __init__(self, n, shuffle, seed, epoch, rank=0, world_size=1, start=0):
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, epoch
+        self.rank, self.world_size, self.start = rank, world_size, start
+        self.per_rank = math.ceil(n / world_size)
+
+    def _indices(self):
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed * 7919 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.per_rank * self.world_size
+        order += order[: total - len(order)]
+        return order[self.rank:total:self.world_size]
+
+    def __iter__(self):
+        return iter(self._indices()[self.start:])
+
+    def __len__(self):
+        return max(0, self.per_rank - self.start)
+
+
+def make_loader(samples, pre: dict, cfg, train: bool, epoch: int = 0, start_step: int = 0,
+                rank: int = 0, world_size: int = 1, extra_pre: dict | None = None,
+                batch_size: int | None = None, augment: bool | None = None) -> DataLoader:
+    """A DataLoader of (x, [x_extra,] label). Train: shuffled per epoch, augmented, drop_last."""
+    batch_size = batch_size or cfg.data.batch_size
+    augment = train if augment is None else augment
+    make_t = (lambda p: train_transform(p, cfg.data)) if augment else eval_transform
+    transforms = [make_t(pre)] + ([make_t(extra_pre)] if extra_pre is not None else [])
+    dataset = ImageListDataset(samples, transforms, seed=cfg.run.seed, epoch=epoch)
+    drop_last = train and len(samples) // world_size > batch_size
+    sampler = EpochSampler(len(samples), shuffle=train, seed=cfg.run.seed, epoch=epoch, rank=rank,
+                           world_size=world_size, start=start_step * batch_size)
+    workers = cfg.run.workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+
+
+def steps_per_epoch(n_samples: int, batch_size: int, world_size: int = 1, max_steps: int = 0) -> int:
+    per_rank = math.ceil(n_samples / world_size)
+    steps = per_rank // batch_size if per_rank > batch_size else math.ceil(per_rank / batch_size)
+    return min(steps, max_steps) if max_steps > 0 else steps
+
+
+def class_counts(samples, num_classes) -> list[int]:
+    counts = [0] * num_classes
+    for _, label in samples:
+        counts[label] += 1
+    return counts
+
+
+def summary(info: DataInfo) -> str:
+    c = info.counts()
+    note = " (no test/ folder: test figures are taken on val)" if info.test_is_val else ""
+    return (f"{len(info.classes)} classes, train {c['train']} / val {c['val']} / test {c['test']} images"
+            f"{note} from {info.root}")
