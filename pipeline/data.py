@@ -355,8 +355,11 @@ def make_loader(samples, pre: dict, cfg, train: bool, epoch: int = 0, start_step
     sampler = EpochSampler(len(samples), shuffle=train, seed=cfg.run.seed, epoch=epoch, rank=rank,
                            world_size=world_size, start=start_step * batch_size)
     workers = cfg.run.workers
+    # A private generator: creating the iterator must not draw from the global RNG (dropout etc.),
+    # or a run resumed mid-epoch would diverge from an uninterrupted one.
+    generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + epoch)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+                      drop_last=drop_last, pin_memory=torch.cuda.is_available(), generator=generator,
                       persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
 
 
