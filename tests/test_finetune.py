@@ -1,0 +1,211 @@
+"""The finetune stage: artifacts, skip/rerun, resume after interruption and kill -9, strategies, DDP."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import load_model_artifact
+from pipeline import artifacts, engine, finetune
+from pipeline.data import prepare_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _weights(path):
+    return artifacts.torch_load(path)["state_dict"]
+
+
+def _assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_finetune_writes_artifacts_skips_and_reruns(make_config, tmp_path, capsys):
+    cfg = make_config()
+    out = finetune.run(cfg)
+    stage = cfg.run_dir / "finetune"
+    for name in ("teacher.pt", "metrics.json", "config.json", "curves.png", "confusion.png", "manifest.json"):
+        assert (stage / name).stat().st_size > 0, name
+    assert not (stage / "checkpoint.pt").exists()  # training state is removed once the manifest is written
+
+    m = json.loads((stage / "metrics.json").read_text())
+    assert m["test_accuracy"] == out["test_accuracy"]
+    assert 0.0 <= m["test_accuracy"] <= 1.0
+    assert len(m["history"]) == cfg.finetune.epochs
+    assert [h["phase"] for h in m["history"]] == ["head", "full"]
+    assert set(m["test"]["per_class"]) == set(m["classes"])
+    assert sum(map(sum, m["test"]["confusion"])) == m["splits"]["test"]
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["outputs"]["teacher.pt"] == artifacts.sha256_file(stage / "teacher.pt")
+    assert manifest["inputs"]["data"] == prepare_data(cfg, write=False).fingerprint
+
+    # The artifact reloads (weights_only) with its preprocessing and labels, and gives the recorded accuracy.
+    model, meta = load_model_artifact(stage / "teacher.pt")
+    assert meta["classes"] == m["classes"] and meta["preprocessing"]["input_size"] == [3, 32, 32]
+    assert meta["extra"]["test_accuracy"] == m["test_accuracy"]
+
+    mtime = (stage / "teacher.pt").stat().st_mtime_ns
+    assert finetune.run(cfg)["skipped"] is True
+    assert "up to date" in capsys.readouterr().out
+    assert (stage / "teacher.pt").stat().st_mtime_ns == mtime
+
+    # A damaged output is not "up to date"; neither is a changed config.
+    (stage / "metrics.json").write_text("{}")
+    assert finetune.run(cfg)["skipped"] is False
+    cfg2 = make_config("finetune.lr=0.001")
+    assert finetune.run(cfg2)["skipped"] is False
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_mid_epoch_gives_the_same_weights(make_config, tmp_path, monkeypatch):
+    """Stop in the middle of an epoch of the second phase, rerun: final weights equal an uninterrupted run's.
+
+    EfficientNet has dropout, so this also proves the RNG state is restored.
+    """
+    common = ("teacher.name=timm:efficientnet_lite0", "teacher.weights=none", "data.batch_size=4",
+              "finetune.checkpoint_every_steps=1", "finetune.epochs=3", "finetune.head_epochs=1")
+    ref = make_config(*common, run_dir=tmp_path / "ref")
+    finetune.run(ref)
+
+    cfg = make_config(*common, run_dir=tmp_path / "resumed")
+    real = engine.train_one_epoch
+    calls = {"n": 0}
+
+    def interrupted(*args, **kw):  # the 2nd epoch (first of phase 'full') dies after 2 steps
+        calls["n"] += 1
+        if calls["n"] == 2:
+            inner = kw["on_step"]
+
+            def on_step(step):
+                inner(step)
+                if step == 2:
+                    raise Interrupt()
+            kw["on_step"] = on_step
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted)
+    with pytest.raises(Interrupt):
+        finetune.run(cfg)
+    ckpt = engine.load_checkpoint(cfg.run_dir / "finetune" / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
+    assert not (cfg.run_dir / "finetune" / "manifest.json").exists()
+    monkeypatch.setattr(engine, "train_one_epoch", real)
+    finetune.run(cfg)
+    _assert_same_weights(_weights(ref.run_dir / "finetune" / "teacher.pt"),
+                         _weights(cfg.run_dir / "finetune" / "teacher.pt"))
+
+
+def _cli(run_dir, data_root, *extra):
+    from conftest import FAST
+
+    return [sys.executable, "-m", "pipeline", "finetune", f"run.dir={run_dir}", f"data.root={data_root}",
+            *FAST, *extra]
+
+
+def test_kill_9_then_rerun_completes_with_the_same_weights(tiny_data, tmp_path):
+    extra = ("data.batch_size=4", "finetune.checkpoint_every_steps=1", "finetune.epochs=3")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    subprocess.run(_cli(tmp_path / "ref", tiny_data, *extra), check=True, cwd=ROOT, env=env,
+                   stdout=subprocess.DEVNULL)
+
+    run_dir = tmp_path / "killed"
+    ckpt = run_dir / "finetune" / "checkpoint.pt"
+    proc = subprocess.Popen(_cli(run_dir, tiny_data, *extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # somewhere in the middle of training, wherever that is
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if not killed:
+        pytest.skip("the run finished before it could be killed (machine too fast)")
+    assert not (run_dir / "finetune" / "manifest.json").exists()
+    subprocess.run(_cli(run_dir, tiny_data, *extra), check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    _assert_same_weights(_weights(tmp_path / "ref" / "finetune" / "teacher.pt"),
+                         _weights(run_dir / "finetune" / "teacher.pt"))
+
+
+def test_linear_probe_trains_only_the_head_and_keeps_bn_statistics(make_config):
+    cfg = make_config("finetune.strategy=linear_probe", "finetune.epochs=1")
+    torch.manual_seed(cfg.run.seed)
+    from models import build_model, find_head
+
+    before, _ = build_model(cfg.teacher.name, 3, cfg.teacher.weights)
+    finetune.run(cfg)
+    after, _ = load_model_artifact(cfg.run_dir / "finetune" / "teacher.pt")
+    head, _ = find_head(after)
+    a, b = before.state_dict(), after.state_dict()
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert changed and all(k.startswith(head + ".") for k in changed), changed  # running stats included
+
+
+def test_partial_freezes_the_first_blocks():
+    from models import backbone_blocks, build_model
+
+    model, _ = build_model("timm:resnet10t", 3, "none")
+    blocks = backbone_blocks(model)
+    head, backbone = finetune.set_trainable(model, 2)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for b in blocks[:2] for n in b}
+    assert head and backbone
+    finetune.train_mode_keeping_frozen_bn(model)
+    bns = [m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert any(not m.training for m in bns) and any(m.training for m in bns)
+
+
+def test_auto_strategy_follows_images_per_class():
+    assert finetune.resolve_strategy("auto", [10, 12, 15]) == "linear_probe"
+    assert finetune.resolve_strategy("auto", [100, 200, 300]) == "two_phase"
+    assert finetune.resolve_strategy("auto", [5000, 4000, 3000]) == "full"
+    assert finetune.resolve_strategy("partial", [10]) == "partial"
+
+
+def test_warmup_cosine_schedule_shape():
+    fn = engine.warmup_decay_lambda(100, 10, "cosine")
+    values = [fn(s) for s in range(100)]
+    assert values[0] < values[5] < values[9] <= 1.0
+    assert all(values[i] >= values[i + 1] for i in range(10, 99))
+    assert values[-1] < 0.01
+    step = engine.warmup_decay_lambda(100, 0, "step", step_size_steps=30, gamma=0.1)
+    assert step(0) == 1.0 and step(30) == pytest.approx(0.1) and step(60) == pytest.approx(0.01)
+
+
+def test_ddp_two_cpu_processes_with_gloo(tiny_data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    from conftest import FAST
+
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "pipeline", "finetune",
+           f"run.dir={tmp_path / 'ddp'}", f"data.root={tiny_data}", *FAST, "data.batch_size=4"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads((tmp_path / "ddp" / "finetune" / "metrics.json").read_text())
+    assert m["world_size"] == 2
+    assert len(m["history"]) == 2
+    model, meta = load_model_artifact(tmp_path / "ddp" / "finetune" / "teacher.pt")
+    assert meta["num_classes"] == 3
+
+
+def test_cli_help_and_config_errors(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, cwd=ROOT,
+                         env=env)
+    assert out.returncode == 0 and "finetune" in out.stdout and "section.key=value" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "pipeline", "finetune", "finetune.epoch=3"], capture_output=True,
+                         text=True, cwd=ROOT, env=env)
+    assert out.returncode == 2 and "finetune.epoch" in out.stderr and "epochs" in out.stderr
