@@ -74,6 +74,10 @@ class FinetuneConfig:
     step_size: int = 3                   # step scheduler: epochs between decays
     gamma: float = 0.1
     label_smoothing: float = 0.1
+    # Keep every BatchNorm layer's running statistics frozen (eval mode) even in unfrozen phases.
+    # Small or low-resolution datasets give noisy batch statistics; switching BN to batch statistics
+    # at the unfreeze then throws the features off the trained head.
+    freeze_bn_stats: bool = True
     grad_clip: float = 1.0               # max grad norm, 0 = off
     amp: str = "auto"                    # auto | bf16 | fp16 | off (CUDA only; CPU runs fp32)
     channels_last: str = "auto"          # auto | on | off (auto = on for CUDA)
@@ -129,6 +133,8 @@ class ServeConfig:
     timeout: int = 30
     top_k: int = 5
     threads: int = 0                     # ORT intra-op threads; 0 = all cores
+    # serve stage: copy the resolved export into serving/model/ (packed by bentofile.yaml) and exit
+    stage_for_bento: bool = False
 
 
 @dataclass

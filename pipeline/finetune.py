@@ -82,13 +82,14 @@ def set_trainable(model: nn.Module, frozen_blocks) -> tuple[list, list]:
     return head, backbone
 
 
-def train_mode_keeping_frozen_bn(model: nn.Module) -> None:
-    """model.train(), except normalisation layers whose parameters are frozen keep their statistics."""
+def train_mode_keeping_frozen_bn(model: nn.Module, all_bn: bool = False) -> None:
+    """model.train(), except BatchNorm layers whose parameters are frozen (or all, with all_bn) keep
+    their running statistics and use them (eval mode)."""
     model.train()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if all_bn or (params and not any(p.requires_grad for p in params)):
                 m.eval()
 
 
@@ -258,7 +259,7 @@ def run(cfg, force: bool = False) -> dict:
             grad_clip=cfg.finetune.grad_clip, channels_last=channels_last, start_step=state["step"], max_steps=steps,
             on_step=on_step, progress=cfg.run.progress and dist.is_main,
             desc=f"epoch {epoch + 1}/{total_epochs} {phases[idx]['name']}",
-            train_mode=train_mode_keeping_frozen_bn)
+            train_mode=lambda m: train_mode_keeping_frozen_bn(m, cfg.finetune.freeze_bn_stats))
         state["train_seconds"] += train["seconds"]
 
         if dist.is_main:
