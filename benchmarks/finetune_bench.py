@@ -88,8 +88,8 @@ def main():
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
 
     cfg = load_config(None, [f"data.root={args.data}", f"data.image_size={args.size}", f"data.batch_size={args.batch}",
@@ -100,10 +100,15 @@ def main():
     pre = resolve_preprocessing(pretrained, cfg.data)
     print(f"{args.model} at {pre['input_size']}, batch {args.batch}, workers {args.workers}, "
           f"{torch.get_num_threads()} threads, {args.steps} steps x {args.rounds} rounds (interleaved)")
+    ours(model, info.train, pre, cfg, 3)  # warm-up (allocator, first-iteration costs), not counted
     a, b = [], []
-    for r in range(args.rounds):
-        a.append(ours(model, info.train, pre, cfg, args.steps))
-        b.append(reference_loop(model, info.train, pre, args.batch, args.workers, args.steps, cfg.data))
+    for r in range(args.rounds):  # alternate which loop goes first: the machine's load drifts
+        first_ours = r % 2 == 0
+        for is_ours in (first_ours, not first_ours):
+            if is_ours:
+                a.append(ours(model, info.train, pre, cfg, args.steps))
+            else:
+                b.append(reference_loop(model, info.train, pre, args.batch, args.workers, args.steps, cfg.data))
         print(f"  round {r + 1}: pipeline {a[-1]:.1f} img/s, reference loop {b[-1]:.1f} img/s")
     ma, mb = statistics.median(a), statistics.median(b)
     print(f"| loop | train img/s (median) |\n|---|---|\n| pipeline finetune (engine.train_one_epoch) | {ma:.1f} |\n"
