@@ -128,7 +128,9 @@ class ServeConfig:
     max_body_mb: float = 10.0
     max_pixels: int = 40_000_000
     max_batch_size: int = 32
-    max_latency_ms: int = 50
+    # BentoML adaptive batching: requests still queued after this long get 503 (load shedding). 50 ms shed
+    # most requests at concurrency 4 on 2 CPU cores (docs/serve.md); 1000 kept all of them at 16.
+    max_latency_ms: int = 1000
     max_concurrency: int = 64
     timeout: int = 30
     top_k: int = 5
