@@ -44,8 +44,10 @@ def rebuild_pruned(model: torch.nn.Module, history: list, input_size) -> torch.n
 
     model.eval()
     example = torch.zeros(1, *input_size)
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-    dg.load_pruning_history([(n, o, list(i)) for n, o, i in history])
+    # torch-pruning traces the graph through autograd: works even when called under no_grad/inference_mode
+    with torch.inference_mode(False), torch.enable_grad():
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        dg.load_pruning_history([(n, o, list(i)) for n, o, i in history])
     return model
 
 

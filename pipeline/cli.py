@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", "-c", help="YAML config (default: configs/default.yaml when it exists)")
     parser.add_argument("--force", action="store_true", help="rerun even if the stage is up to date")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value may come before or after --config
 
     from models.build import WeightsUnavailable
     from pipeline.config import ConfigError, load_config

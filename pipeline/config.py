@@ -102,6 +102,17 @@ class CompressConfig:
     max_accuracy_drop: float = 0.03      # vs the unpruned distilled student, on val
     max_steps_per_epoch: int = 0
     checkpoint_every_steps: int = 0
+    # --- added by the compress stage (issue #3)
+    recovery_lr: typing.Optional[float] = None  # LR of the KD recovery after each pruning step (None = lr / 4)
+    warmup_epochs: float = 0.0           # linear LR warmup at the start of distillation
+    grad_clip: float = 1.0               # max grad norm, 0 = off
+    amp: str = "auto"                    # auto | bf16 | fp16 | off (CUDA only; CPU runs fp32)
+    channels_last: str = "auto"          # auto | on | off (auto = on for CUDA)
+    global_pruning: bool = False         # rank channels across layers instead of the same ratio per layer
+    max_layer_pruning_ratio: float = 0.9  # at most this fraction of a layer's channels per pruning step
+    taylor_batches: int = 4              # importance=taylor: training batches whose gradients score channels
+    bn_recalibration_batches: int = 20   # after each pruning step: re-estimate BatchNorm statistics (0 = off)
+    latency_runs: int = 10               # timed forward passes per latency figure (median)
 
 
 @dataclass
@@ -173,6 +184,8 @@ CHOICES = {
     ("finetune", "amp"): ("auto", "bf16", "fp16", "off"),
     ("finetune", "channels_last"): ("auto", "on", "off"),
     ("compress", "importance"): ("magnitude", "taylor", "bn_scale"),
+    ("compress", "amp"): ("auto", "bf16", "fp16", "off"),
+    ("compress", "channels_last"): ("auto", "on", "off"),
     ("export", "exporter"): ("dynamo", "legacy"),
     ("export", "quantization"): ("static", "dynamic", "fp16", "none"),
     ("export", "calibration_method"): ("minmax", "entropy", "percentile"),

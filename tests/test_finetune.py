@@ -209,3 +209,22 @@ def test_cli_help_and_config_errors(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pipeline", "finetune", "finetune.epoch=3"], capture_output=True,
                          text=True, cwd=ROOT, env=env)
     assert out.returncode == 2 and "finetune.epoch" in out.stderr and "epochs" in out.stderr
+
+
+def test_cli_accepts_overrides_before_and_after_options(tmp_path):
+    from pipeline import cli
+
+    seen = {}
+
+    def fake_run(cfg, force=False):
+        seen.update(epochs=cfg.finetune.epochs, lr=cfg.finetune.lr, force=force)
+
+    import pipeline.finetune as ft
+    original = ft.run
+    ft.run = fake_run
+    try:
+        assert cli.main(["finetune", "finetune.epochs=3", "--config", str(ROOT / "configs" / "default.yaml"),
+                         "finetune.lr=0.01", "--force"]) == 0
+    finally:
+        ft.run = original
+    assert seen == {"epochs": 3, "lr": 0.01, "force": True}

@@ -1,0 +1,337 @@
+"""The compress stage: KD loss math, pruning to a target, reload without pickle, resume, budget, skip/rerun."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from models import build_model, find_head, load_model_artifact, rebuild_pruned, save_model_artifact
+from pipeline import artifacts, compress, engine
+from pipeline.config import ConfigError
+from pipeline.data import prepare_data, resolve_preprocessing
+
+ROOT = Path(__file__).resolve().parents[1]
+# Fast settings for every stage run here: one short distillation epoch, two pruning steps, few timed runs.
+QUICK = ("compress.max_steps_per_epoch=2", "compress.latency_runs=2")
+
+
+def make_teacher(cfg, seed: int = 0) -> Path:
+    """A teacher.pt as finetune would write it (random init: the tests check mechanics, not accuracy)."""
+    data = prepare_data(cfg)
+    torch.manual_seed(seed)
+    model, pretrained = build_model(cfg.teacher.name, len(data.classes), "none")
+    path = cfg.run_dir / "finetune" / "teacher.pt"
+    save_model_artifact(path, model, name=cfg.teacher.name, classes=data.classes,
+                        preprocessing=resolve_preprocessing(pretrained, cfg.data))
+    return path
+
+
+def _state(path):
+    return artifacts.torch_load(path)["state_dict"]
+
+
+def _assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), f"{k} differs"
+
+
+# ----------------------------------------------------------------------------- KD loss
+
+def test_kd_loss_matches_hand_computed_values():
+    s = torch.tensor([[0.0, 0.0]])
+    t = torch.tensor([[math.log(3.0), 0.0]])
+    y = torch.tensor([0])
+    # T=1: p_t = (3/4, 1/4), p_s = (1/2, 1/2); KL = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.1308120; CE = ln 2
+    kl1 = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    assert kl1 == pytest.approx(0.1308120, abs=1e-6)
+    assert compress.kd_loss(s, t, y, 1.0, 0.5).item() == pytest.approx(0.5 * kl1 + 0.5 * math.log(2), abs=1e-6)
+    assert compress.kd_loss(s, t, y, 1.0, 0.5).item() == pytest.approx(0.4119796, abs=1e-6)
+    # T=2: p_t = (sqrt3, 1) / (sqrt3 + 1); KL * T^2 = 4 * 0.0363408; alpha 0.7 -> 0.3096983
+    r3 = math.sqrt(3.0)
+    pt = (r3 / (r3 + 1), 1 / (r3 + 1))
+    kl2 = pt[0] * math.log(2 * pt[0]) + pt[1] * math.log(2 * pt[1])
+    assert kl2 == pytest.approx(0.0363408, abs=1e-6)
+    expected = 0.7 * 4 * kl2 + 0.3 * math.log(2)
+    assert compress.kd_loss(s, t, y, 2.0, 0.7).item() == pytest.approx(expected, abs=1e-6)
+    assert expected == pytest.approx(0.3096983, abs=1e-6)
+    # alpha = 0 is plain cross-entropy (no teacher needed); identical logits give a zero KD term
+    assert compress.kd_loss(s, None, y, 4.0, 0.0).item() == pytest.approx(math.log(2), abs=1e-7)
+    logits = torch.randn(5, 4)
+    labels = torch.randint(0, 4, (5,))
+    ce = nn.functional.cross_entropy(logits, labels).item()
+    assert compress.kd_loss(logits, logits.clone(), labels, 3.0, 0.6).item() == pytest.approx(0.4 * ce, abs=1e-6)
+    # batchmean: the loss of a batch is the mean of the per-sample losses
+    two = compress.kd_loss(torch.cat([s, s]), torch.cat([t, t]), torch.cat([y, y]), 2.0, 0.7).item()
+    assert two == pytest.approx(expected, abs=1e-6)
+
+
+def test_distillation_task_keeps_the_teacher_frozen_and_uses_the_cache():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    student = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    teacher.train()  # the task must put it in eval mode itself
+    stats = teacher[1].running_mean.clone()
+    task = compress.DistillationTask(teacher, 2.0, 0.7, 3, two_views=True)
+    x_s, x_t, y = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 10, 10), torch.randint(0, 3, (6,))
+    loss, logits, labels = task(student, [x_s, x_t, y])
+    loss.backward()
+    assert not teacher.training and torch.equal(teacher[1].running_mean, stats)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    with torch.no_grad():
+        want = compress.kd_loss(student(x_s), teacher(x_t), y, 2.0, 0.7)  # the teacher saw its own view
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6) and torch.equal(labels, y)
+
+    # cached logits: labels carry the sample index, the teacher is not run
+    cache = torch.randn(10, 3)
+    cached = compress.DistillationTask(None, 2.0, 0.7, 3, cached_logits=cache)
+    samples = compress.index_labels([(f"img{i}", i % 3) for i in range(10)], 3)
+    idx = torch.tensor([7, 2, 9])
+    enc = torch.tensor([samples[i][1] for i in idx])
+    loss, _, labels = cached(student, [x_s[:3], enc])
+    assert torch.equal(labels, idx % 3)
+    with torch.no_grad():
+        want = compress.kd_loss(student(x_s[:3]), cache[idx], idx % 3, 2.0, 0.7)
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6)
+
+
+def test_teacher_logit_cache_needs_unaugmented_data(make_config):
+    cfg = make_config("compress.cache_teacher_logits=true")  # conftest data augments (scale_min 0.35, hflip)
+    with pytest.raises(ConfigError, match="cache_teacher_logits.*augment"):
+        compress.run(cfg)
+
+
+def test_missing_teacher_names_make_finetune(make_config):
+    with pytest.raises(FileNotFoundError, match="make finetune"):
+        compress.run(make_config())
+
+
+# ----------------------------------------------------------------------------- pruning (unit level)
+
+@pytest.mark.parametrize("importance", ["magnitude", "bn_scale"])
+def test_prune_to_target_keeps_head_rounds_channels_and_reloads_exactly(make_config, tmp_path, importance):
+    cfg = make_config(f"compress.importance={importance}")
+    torch.manual_seed(0)
+    model, pre = build_model("timm:efficientnet_lite0", 3, "pypi")
+    size = (3, 32, 32)
+    base = engine.count_macs(model, size)
+    history = []
+    for k in (1, 2):  # two steps, like the stage: each one a fresh pruner on the already pruned model
+        model, hist, info = compress.prune_to(model, base * 0.5 ** (k / 2), size, cfg.compress)
+        assert info["reached"]
+        history += hist
+    assert engine.count_macs(model, size) <= 0.5 * base
+    assert engine.count_macs(model, size) >= 0.3 * base  # the smallest ratio that reaches it, not overshooting
+    head = find_head(model)[1]
+    assert head.out_features == 3
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.out_channels % 8 == 0 for c in convs)
+
+    path = tmp_path / "pruned.pt"
+    save_model_artifact(path, model, name="timm:efficientnet_lite0", classes=["a", "b", "c"],
+                        preprocessing={**pre, "input_size": list(size)}, pruning_history=history)
+    blob = artifacts.torch_load(path)  # weights_only=True: plain values and tensors, no pickled modules
+    assert blob["pruning_history"] and all(isinstance(h[2], list) for h in blob["pruning_history"])
+    reloaded, meta = load_model_artifact(path)
+    assert meta["pruning_history"] == blob["pruning_history"]
+    _assert_same_weights(model.state_dict(), reloaded.state_dict())
+    x = torch.randn(3, *size)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), reloaded(x))
+    # and the same by hand: name + history replayed on a fresh model + state_dict
+    fresh, _ = build_model("timm:efficientnet_lite0", 3, "none")
+    rebuild_pruned(fresh, blob["pruning_history"], size)
+    fresh.load_state_dict(blob["state_dict"])
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), reloaded(x))
+
+
+def test_prune_to_params_target(make_config):
+    cfg = make_config()
+    model, _ = build_model("timm:efficientnet_lite0", 3, "none")
+    base = engine.count_params(model)
+    pruned, _, info = compress.prune_to(model, 0.6 * base, (3, 32, 32), cfg.compress, by="params")
+    assert info["reached"] and engine.count_params(pruned) <= 0.6 * base
+    assert engine.count_params(model) == base  # the input model is left as it was
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def test_compress_writes_artifacts_reaches_target_skips_and_reruns(make_config, capsys):
+    cfg = make_config(*QUICK)
+    make_teacher(cfg)
+    out = compress.run(cfg)
+    stage = cfg.run_dir / "compress"
+    for name in ("student.pt", "pruned.pt", "metrics.json", "config.json", "pruning_curve.png", "manifest.json"):
+        assert (stage / name).stat().st_size > 0, name
+    assert not (stage / "checkpoint.pt").exists()
+    m = json.loads((stage / "metrics.json").read_text())
+    for role in ("teacher", "student", "pruned"):
+        for key in ("val_accuracy", "test_accuracy", "params", "macs", "latency_ms_b1", "latency_ms_b32"):
+            assert isinstance(m[role][key], (int, float)), (role, key)
+    assert m["pruned"]["macs"] <= 0.5 * m["student"]["macs"] and m["achieved"]["target_reached"]
+    assert m["achieved"]["macs_ratio"] == pytest.approx(out["macs_ratio"])
+    assert [c["step"] for c in m["pruning_curve"]] == [0, 1, 2]
+    assert m["pruning_curve"][-1]["macs"] == m["pruned"]["macs"]
+    assert all("val_accuracy_before_recovery" in c and "val_accuracy_after_recovery" in c for c in m["pruning_curve"])
+    assert m["kd"]["separate_teacher_preprocessing"] is True  # resnet10t (ImageNet mean/std) vs lite0 (0.5)
+    assert json.loads((stage / "config.json").read_text())["compress"]["target_macs_ratio"] == 0.5
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["inputs"]["teacher.pt"] == artifacts.sha256_file(cfg.run_dir / "finetune" / "teacher.pt")
+    assert manifest["outputs"]["pruned.pt"] == artifacts.sha256_file(stage / "pruned.pt")
+    printed = capsys.readouterr().out
+    assert "params / MACs before -> after" in printed and "ms b32" in printed
+
+    pruned, meta = load_model_artifact(stage / "pruned.pt")
+    assert meta["pruning_history"] and find_head(pruned)[1].out_features == 3
+    assert engine.count_macs(pruned, (3, 32, 32)) == m["pruned"]["macs"]
+    student, smeta = load_model_artifact(stage / "student.pt")
+    assert smeta["pruning_history"] is None and engine.count_params(student) == m["student"]["params"]
+
+    mtime = (stage / "pruned.pt").stat().st_mtime_ns
+    assert compress.run(cfg)["skipped"] is True
+    assert "up to date" in capsys.readouterr().out
+    assert (stage / "pruned.pt").stat().st_mtime_ns == mtime
+
+    make_teacher(cfg, seed=1)  # a new teacher: rerun
+    assert compress.run(cfg)["skipped"] is False
+    cfg2 = make_config(*QUICK, "compress.alpha=0.5")  # a changed config: rerun
+    assert compress.run(cfg2)["skipped"] is False
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruptions_gives_the_same_weights(make_config, tmp_path, monkeypatch):
+    """Interrupted mid-distillation, between pruning steps, and mid-recovery: same final weights.
+
+    EfficientNet-Lite0 has dropout and the data is augmented, so this also checks RNG and data order restore.
+    """
+    common = ("data.batch_size=4", "compress.checkpoint_every_steps=1", "compress.max_steps_per_epoch=3",
+              "compress.latency_runs=2")
+    ref = make_config(*common, run_dir=tmp_path / "ref")
+    make_teacher(ref)
+    compress.run(ref)
+
+    cfg = make_config(*common, run_dir=tmp_path / "resumed")
+    make_teacher(cfg)
+    ckpt_path = cfg.run_dir / "compress" / "checkpoint.pt"
+    real_train, real_prune = engine.train_one_epoch, compress.prune_to
+
+    def train_dying_after(n_call: int, at_step: int):
+        calls = {"n": 0}
+
+        def train(*args, **kw):
+            calls["n"] += 1
+            if calls["n"] == n_call:
+                inner = kw["on_step"]
+
+                def on_step(step):
+                    inner(step)
+                    if step == at_step:
+                        raise Interrupt()
+                kw["on_step"] = on_step
+            return real_train(*args, **kw)
+        return train
+
+    # 1. in the middle of the distillation epoch
+    monkeypatch.setattr(engine, "train_one_epoch", train_dying_after(1, 2))
+    with pytest.raises(Interrupt):
+        compress.run(cfg)
+    ck = engine.load_checkpoint(ckpt_path)
+    assert (ck["state"]["phase"], ck["state"]["epoch"], ck["state"]["step"]) == ("distill", 0, 2)
+    monkeypatch.setattr(engine, "train_one_epoch", real_train)
+
+    # 2. between pruning steps: step 1 done and recovered, step 2 not pruned yet
+    calls = {"n": 0}
+
+    def prune_dying(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Interrupt()
+        return real_prune(*args, **kw)
+    monkeypatch.setattr(compress, "prune_to", prune_dying)
+    with pytest.raises(Interrupt):
+        compress.run(cfg)
+    ck = engine.load_checkpoint(ckpt_path)
+    assert (ck["state"]["phase"], ck["state"]["prune_step"], ck["state"]["recovering"]) == ("prune", 1, False)
+    assert ck["state"]["history"]  # the pruned model travels as state_dict + pruning history
+    monkeypatch.setattr(compress, "prune_to", real_prune)
+
+    # 3. in the middle of step 2's recovery epoch (the model in the checkpoint is pruned twice)
+    monkeypatch.setattr(engine, "train_one_epoch", train_dying_after(1, 1))
+    with pytest.raises(Interrupt):
+        compress.run(cfg)
+    ck = engine.load_checkpoint(ckpt_path)
+    assert (ck["state"]["prune_step"], ck["state"]["recovering"], ck["state"]["step"]) == (1, True, 1)
+    assert not (cfg.run_dir / "compress" / "manifest.json").exists()
+    monkeypatch.setattr(engine, "train_one_epoch", real_train)
+
+    compress.run(cfg)
+    for name in ("student.pt", "pruned.pt"):
+        _assert_same_weights(_state(ref.run_dir / "compress" / name), _state(cfg.run_dir / "compress" / name))
+    a = json.loads((ref.run_dir / "compress" / "metrics.json").read_text())
+    b = json.loads((cfg.run_dir / "compress" / "metrics.json").read_text())
+    assert [c["macs"] for c in a["pruning_curve"]] == [c["macs"] for c in b["pruning_curve"]]
+
+
+def test_budget_stops_pruning_and_keeps_the_last_good_model(make_config, monkeypatch, capsys):
+    """A step that breaks compress.max_accuracy_drop after recovery is discarded and pruning stops.
+
+    Val accuracy is scripted per model size (unpruned 0.90, after step 1 0.89, after step 2 0.50) so the
+    decision is deterministic. Also runs the teacher-logit cache (allowed here: augmentation off).
+    """
+    cfg = make_config(*QUICK, "compress.pruning_steps=3", "compress.max_accuracy_drop=0.02",
+                      "compress.cache_teacher_logits=true", "data.scale_min=1.0", "data.hflip=false")
+    make_teacher(cfg)
+    seen: list[int] = []
+
+    def scripted(model, loader, device, num_classes, amp=None):
+        n = engine.count_params(model)
+        if n not in seen:
+            seen.append(n)
+        return [0.90, 0.89, 0.50, 0.40][seen.index(n)]
+    monkeypatch.setattr(compress, "_val_accuracy", scripted)
+    out = compress.run(cfg)
+    assert out["budget_stopped"] is True
+    printed = capsys.readouterr().out
+    assert "BUDGET" in printed and "keeping the model of step 1" in printed
+    m = json.loads((cfg.run_dir / "compress" / "metrics.json").read_text())
+    assert m["budget"]["stopped"] and m["budget"]["kept_step"] == 1 and "step 2" in m["budget"]["message"]
+    assert [c["step"] for c in m["pruning_curve"]] == [0, 1, 2]  # step 3 never ran
+    assert [c["within_budget"] for c in m["pruning_curve"]] == [True, True, False]
+    assert m["pruned"]["params"] == m["pruning_curve"][1]["params"]
+    assert m["achieved"]["target_reached"] is False
+    assert m["kd"]["teacher_logits_cached"] is True
+    pruned, meta = load_model_artifact(cfg.run_dir / "compress" / "pruned.pt")
+    assert engine.count_macs(pruned, (3, 32, 32)) == m["pruning_curve"][1]["macs"]
+    assert meta["extra"]["pruning_step"] == 1
+    manifest = json.loads((cfg.run_dir / "compress" / "manifest.json").read_text())
+    assert manifest["budget_stopped"] is True
+
+
+def test_ddp_two_cpu_processes_with_gloo(make_config, tiny_data, tmp_path):
+    from conftest import FAST
+
+    run_dir = tmp_path / "ddp"
+    make_teacher(make_config(run_dir=run_dir))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "pipeline", "compress",
+           f"run.dir={run_dir}", f"data.root={tiny_data}", *FAST, "data.batch_size=4", *QUICK]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads((run_dir / "compress" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["achieved"]["target_reached"]
+    load_model_artifact(run_dir / "compress" / "pruned.pt")
