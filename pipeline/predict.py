@@ -1,0 +1,64 @@
+"""On-device predictor: onnxruntime + numpy + Pillow only (no torch), for a Raspberry Pi or a phone build.
+
+    python -m pipeline.predict runs/default/export/model.int8.onnx photo.jpg [more.jpg ...] [--top-k 3] [--json]
+
+Labels and preprocessing come from the model's own metadata (written by the export stage), so its
+answers are the server's answers for the same files. Works with .onnx and .ort files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from pipeline.modelcard import read_card_from_session
+from pipeline.preprocess import BadImageError, preprocess, softmax, top_k
+from pipeline.runtime import make_session
+
+
+class Predictor:
+    def __init__(self, model_path, device: str = "cpu", threads: int = 0):
+        self.session = make_session(model_path, device, threads)
+        self.card = read_card_from_session(self.session)
+        self.labels = self.card["labels"]
+        self.input_name = self.session.get_inputs()[0].name
+
+    def logits(self, images) -> np.ndarray:
+        """images: paths, bytes or PIL images -> [N, C] logits."""
+        x = np.stack([preprocess(im, self.card["preprocessing"]) for im in images]).astype(np.float32)
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def predict(self, images, k: int = 5) -> list[list[dict]]:
+        return [top_k(p, self.labels, k) for p in softmax(self.logits(images))]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", help="model.int8.onnx, model.fp32.onnx or model.int8.ort from run.dir/export")
+    ap.add_argument("images", nargs="+")
+    ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print one JSON object per image")
+    args = ap.parse_args(argv)
+    predictor = Predictor(args.model, "cpu", args.threads)
+    k = max(1, min(args.top_k, len(predictor.labels)))
+    status = 0
+    for path in args.images:
+        try:
+            preds = predictor.predict([path], k)[0]
+        except (BadImageError, OSError) as e:
+            print(f"{path}: error: {e}", file=sys.stderr)
+            status = 1
+            continue
+        if args.json:
+            print(json.dumps({"image": path, "predictions": preds}))
+        else:
+            print(f"{path}: " + ", ".join(f"{p['label']} {p['probability']:.3f}" for p in preds))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
