@@ -124,7 +124,8 @@ def test_int8_fallbacks_are_tried_and_fp32_shipped_when_none_fits(exported, tmp_
     report = json.loads((cfg.run_dir / "report.json").read_text())
     names = [a["name"] for a in report["int8"]["attempts"]]
     assert len(names) >= 3 and "per-tensor" in names[1] and "sensitive" in names[-1]
-    assert all("drop" in a or "error" in a for a in report["int8"]["attempts"])
+    assert all("drop" in a for a in report["int8"]["attempts"]), report["int8"]["attempts"]
+    assert report["int8"]["attempts"][-1]["excluded_nodes"]  # found by comparing fp32/int8 activations
     assert any("shipping fp32" in w for w in report["warnings"])
     assert not (cfg.run_dir / "export" / "model.int8.onnx").exists()
     assert report["models"]["onnx_int8"]["accuracy"] is None
