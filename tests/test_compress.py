@@ -335,3 +335,43 @@ def test_ddp_two_cpu_processes_with_gloo(make_config, tiny_data, tmp_path):
     m = json.loads((run_dir / "compress" / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["achieved"]["target_reached"]
     load_model_artifact(run_dir / "compress" / "pruned.pt")
+
+
+def test_kill_9_at_a_random_moment_then_rerun_gives_the_same_weights(make_config, tiny_data, tmp_path):
+    """A real SIGKILL somewhere after the first checkpoint (distillation, pruning or recovery), then the same command."""
+    import random
+    import signal
+    import time
+
+    from conftest import FAST
+
+    common = ("data.batch_size=4", "compress.checkpoint_every_steps=1", "compress.max_steps_per_epoch=3",
+              "compress.latency_runs=2")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+
+    def command(run_dir):
+        make_teacher(make_config(*common, run_dir=run_dir))
+        return [sys.executable, "-m", "pipeline", "compress", f"run.dir={run_dir}", f"data.root={tiny_data}", *FAST,
+                *common]
+
+    # The reference is the same command, uninterrupted (a fresh process, like the killed one).
+    subprocess.run(command(tmp_path / "ref"), cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    run_dir = tmp_path / "killed"
+    cmd = command(run_dir)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run_dir / "compress" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.uniform(0.0, 4.0))
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if not killed:
+        pytest.skip("the run finished before it could be killed")
+    assert not (run_dir / "compress" / "manifest.json").exists()
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("student.pt", "pruned.pt"):
+        _assert_same_weights(_state(tmp_path / "ref" / "compress" / name), _state(run_dir / "compress" / name))
