@@ -129,6 +129,11 @@ class ExportConfig:
     latency_threads: int = 2
     latency_runs: int = 30
     mobile: bool = True                  # also write the .ort copy for ONNX Runtime Mobile
+    # --- added by the export stage (issue #4)
+    # max_int8_drop < 0 makes every int8 recipe fail the budget: tests use it to force the whole fallback
+    # chain and the "ship fp32" path.
+    latency_rounds: int = 2              # interleaved fp32/int8 timing rounds; the best median of each is kept
+    sensitive_nodes: int = 5             # int8 fallback: nodes with the worst fp32-vs-int8 activation SQNR kept fp32
 
 
 @dataclass
@@ -265,6 +270,12 @@ def _validate(cfg: Config) -> None:
     positive("compress.pruning_steps", cfg.compress.pruning_steps, allow_zero=True)
     positive("compress.temperature", cfg.compress.temperature)
     positive("export.calibration_images", cfg.export.calibration_images)
+    if cfg.export.opset < 17:
+        raise ConfigError(f"export.opset must be >= 17 (opset 17+ is what the exporters and int8 tools are "
+                          f"tested with here), got {cfg.export.opset}")
+    positive("export.latency_runs", cfg.export.latency_runs)
+    positive("export.latency_rounds", cfg.export.latency_rounds)
+    positive("export.sensitive_nodes", cfg.export.sensitive_nodes)
     if cfg.data.image_size is not None and cfg.data.image_size < 16:
         raise ConfigError(f"data.image_size must be >= 16 (or null for the model's size), got {cfg.data.image_size}")
     if not 0.0 <= cfg.data.val_fraction < 1 or not 0.0 <= cfg.data.test_fraction < 1 \

@@ -2,6 +2,11 @@
 
     python -m pipeline.predict runs/default/export/model.int8.onnx photo.jpg [more.jpg ...] [--top-k 3] [--json]
 
+Imports only pipeline.preprocess, pipeline.modelcard and pipeline.runtime (all torch-free; pipeline/__init__
+holds just the version string): pipeline/{__init__,preprocess,modelcard,runtime,predict}.py next to an
+.onnx/.ort file are a complete client.
+Exit status: 0 all images classified, 1 some image unreadable (reported on stderr), 2 unusable model.
+
 Labels and preprocessing come from the model's own metadata (written by the export stage), so its
 answers are the server's answers for the same files. Works with .onnx and .ort files.
 """
@@ -43,7 +48,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object per image")
     args = ap.parse_args(argv)
-    predictor = Predictor(args.model, "cpu", args.threads)
+    try:
+        predictor = Predictor(args.model, "cpu", args.threads)
+    except Exception as e:  # noqa: BLE001 - missing file, not an ONNX model, no labels/preprocessing metadata
+        print(f"error: cannot use {args.model} as a model: {e}", file=sys.stderr)
+        return 2
     k = max(1, min(args.top_k, len(predictor.labels)))
     status = 0
     for path in args.images:

@@ -1,54 +1,75 @@
-"""The export stage: parity check, metadata round trip, int8 budget and fallbacks, .ort, report, predictor."""
+"""The export stage: parity check, metadata round trip, int8 budget and fallbacks, .ort, report, resume.
+
+Upstream artifacts are built here (models.build_model + save_model_artifact, pruned with torch-pruning), so
+these tests depend neither on the finetune/compress stages nor on ../shared.
+"""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+import shutil
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from models import build_model, load_model_artifact, save_model_artifact
-from pipeline import export, runtime
+from models import build_model, find_head, load_model_artifact, save_model_artifact
+from pipeline import artifacts, export, runtime
+from pipeline.config import ConfigError
 from pipeline.data import prepare_data, resolve_preprocessing
 from pipeline.modelcard import read_card, read_card_from_session
 
-ROOT = Path(__file__).resolve().parents[1]
+UPSTREAM = ("finetune/teacher.pt", "compress/student.pt", "compress/pruned.pt")
 
 
-def _fake_upstream(cfg):
-    """teacher.pt, student.pt and a really pruned pruned.pt (torch-pruning history), without training."""
-    from pipeline.compress import prune_copy
+def _prune(model, input_size, ratio=0.3):
+    """A really pruned copy (torch-pruning, classifier kept) and its pruning history."""
+    import torch_pruning as tp
 
+    model.eval()
+    pruner = tp.pruner.BasePruner(model, torch.zeros(1, *input_size), importance=tp.importance.MagnitudeImportance(),
+                                  pruning_ratio=ratio, ignored_layers=[find_head(model)[1]], round_to=8)
+    pruner.step()
+    return model, pruner.pruning_history()
+
+
+def fake_upstream(cfg):
+    """teacher.pt, student.pt and pruned.pt (with a pruning history) in cfg.run_dir, without training."""
     info = prepare_data(cfg)
     torch.manual_seed(0)
-    teacher, tpre = build_model(cfg.teacher.name, len(info.classes), cfg.teacher.weights)
-    (cfg.run_dir / "finetune").mkdir(parents=True, exist_ok=True)
-    save_model_artifact(cfg.run_dir / "finetune" / "teacher.pt", teacher, name=cfg.teacher.name, classes=info.classes,
-                        preprocessing=resolve_preprocessing(tpre, cfg.data))
-    student, spre = build_model(cfg.student.name, len(info.classes), cfg.student.weights)
-    pre = resolve_preprocessing(spre, cfg.data)
-    (cfg.run_dir / "compress").mkdir(parents=True, exist_ok=True)
-    save_model_artifact(cfg.run_dir / "compress" / "student.pt", student, name=cfg.student.name, classes=info.classes,
-                        preprocessing=pre)
-    pruned, history = prune_copy(student, 0.3, pre["input_size"], cfg.compress)
-    save_model_artifact(cfg.run_dir / "compress" / "pruned.pt", pruned, name=cfg.student.name, classes=info.classes,
+    for rel, spec in (("finetune/teacher.pt", cfg.teacher), ("compress/student.pt", cfg.student)):
+        model, native = build_model(spec.name, len(info.classes), spec.weights)
+        pre = resolve_preprocessing(native, cfg.data)
+        (cfg.run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        save_model_artifact(cfg.run_dir / rel, model, name=spec.name, classes=info.classes, preprocessing=pre)
+    pruned, history = _prune(model, pre["input_size"])
+    save_model_artifact(cfg.run_dir / "compress/pruned.pt", pruned, name=cfg.student.name, classes=info.classes,
                         preprocessing=pre, pruning_history=history)
     return info
+
+
+def copy_upstream(src_cfg, dst_cfg):
+    for rel in UPSTREAM:
+        (dst_cfg.run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src_cfg.run_dir / rel, dst_cfg.run_dir / rel)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_data):
     from conftest import tiny_config
 
-    cfg = tiny_config(tmp_path_factory.mktemp("export") / "run", tiny_data, "export.max_int8_drop=1.0")
-    _fake_upstream(cfg)
+    cfg = tiny_config(tmp_path_factory.mktemp("export") / "run", tiny_data, "export.max_int8_drop=1.0",
+                      "export.latency_rounds=1")
+    fake_upstream(cfg)
     result = export.run(cfg)
     return cfg, result
+
+
+def _test_batch(cfg):
+    info = prepare_data(cfg, write=False)
+    model, meta = load_model_artifact(cfg.run_dir / "compress" / "pruned.pt")
+    x, y = export.load_images(info.test, meta["preprocessing"])
+    return model, meta, x, y
 
 
 def test_export_writes_everything_and_the_report(exported):
@@ -58,17 +79,39 @@ def test_export_writes_everything_and_the_report(exported):
         assert (stage / name).stat().st_size > 0, name
     onnx.checker.check_model(str(stage / "model.fp32.onnx"), full_check=True)
     report = json.loads((cfg.run_dir / "report.json").read_text())
-    assert set(report["models"]) == {"teacher", "student", "pruned", "onnx_fp32", "onnx_int8"}
-    for row in report["models"].values():
-        for col in ("accuracy", "params", "macs", "size_bytes", "latency_ms_b1", "latency_ms_b32"):
-            assert row[col] is not None and row[col] >= 0, col
+    assert list(report["models"]) == ["teacher", "student", "pruned", "onnx_fp32", "onnx_int8"]
+    for name, row in report["models"].items():
+        for col in export.COLUMNS:
+            assert row[col] is not None and row[col] >= 0, (name, col)
     m = report["models"]
-    assert m["pruned"]["macs"] < m["student"]["macs"]  # the pruned model really is smaller
+    assert m["pruned"]["macs"] < m["student"]["macs"] and m["pruned"]["params"] < m["student"]["params"]
     assert m["onnx_int8"]["size_bytes"] < m["onnx_fp32"]["size_bytes"]
     assert m["onnx_fp32"]["accuracy"] == pytest.approx(m["pruned"]["accuracy"], abs=1e-9)
-    assert "onnx_int8" in (cfg.run_dir / "report.md").read_text()
-    assert (cfg.run_dir / "report.png").stat().st_size > 0
-    assert export.run(cfg)["skipped"] is True
+    assert report["sha256"]["model.int8.onnx"] == artifacts.sha256_file(stage / "model.int8.onnx")
+    assert report["threads"]["onnxruntime"] == cfg.export.latency_threads and report["machine"]["cpu_count"]
+    md = (cfg.run_dir / "report.md").read_text()
+    assert "| onnx_int8 |" in md and "recommended" in md
+    assert (cfg.run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert {"model.fp32.onnx", "model.int8.onnx", "model.int8.ort", "model.json", "../report.json"} <= set(manifest["outputs"])
+
+
+def test_int8_runs_and_its_accuracy_drop_is_computed(exported):
+    cfg, result = exported
+    _, _, x, y = _test_batch(cfg)
+    report = json.loads((cfg.run_dir / "report.json").read_text())
+    shipped = report["int8"]["attempts"][0]
+    assert shipped["ok"] and report["int8"]["shipped"] == shipped["name"] == "static per-channel minmax"
+    int8 = export.run_onnx(runtime.make_session(cfg.run_dir / "export" / "model.int8.onnx", "cpu"), x)
+    fp32 = export.run_onnx(runtime.make_session(cfg.run_dir / "export" / "model.fp32.onnx", "cpu"), x)
+    acc8, acc32 = export.accuracy(int8, y), export.accuracy(fp32, y)
+    assert shipped["accuracy"] == pytest.approx(acc8) == report["models"]["onnx_int8"]["accuracy"]
+    assert shipped["drop"] == pytest.approx(acc32 - acc8)
+    assert np.isfinite(int8).all() and np.abs(int8 - fp32).max() < 10  # quantized, not garbage
+    sp = report["int8_speedup"]
+    assert sp["b1"] > 0 and report["recommended"]["cpu"] == ("int8" if sp["b1"] >= 1.0 else "fp32")
+    if sp["b1"] < 1.0 or sp["b32"] < 1.0:
+        assert any("not faster" in w for w in report["warnings"])
 
 
 def test_metadata_round_trips_and_dynamic_batch(exported):
@@ -76,78 +119,128 @@ def test_metadata_round_trips_and_dynamic_batch(exported):
     stage = cfg.run_dir / "export"
     _, meta = load_model_artifact(cfg.run_dir / "compress" / "pruned.pt")
     sidecar = json.loads((stage / "model.json").read_text())
+    assert read_card(stage / "model.fp32.onnx") == sidecar == read_card(stage / "model.int8.onnx")
     for name in ("model.fp32.onnx", "model.int8.onnx", "model.int8.ort"):
         sess = runtime.make_session(stage / name, "cpu")
         card = read_card_from_session(sess)
-        assert card["labels"] == meta["classes"] == sidecar["labels"]
-        assert card["preprocessing"] == meta["preprocessing"]
-        assert card["pipeline_version"] and card["architecture"] == meta["name"]
+        assert card == sidecar, name
+        assert card["labels"] == meta["classes"] and card["preprocessing"] == meta["preprocessing"]
+        assert card["architecture"] == meta["name"] == cfg.student.name and card["pipeline_version"]
+        assert [i.name for i in sess.get_inputs()] == ["input"] and [o.name for o in sess.get_outputs()] == ["logits"]
         for batch in (1, 5):
             out = sess.run(None, {"input": np.zeros((batch, 3, 32, 32), np.float32)})[0]
             assert out.shape == (batch, 3)
-    assert read_card(stage / "model.fp32.onnx")["files"]["int8"] == "model.int8.onnx"
-    assert sidecar["recommended"]["cpu"] in ("int8", "fp32") and sidecar["accuracy"]["onnx_int8"] is not None
+    assert sidecar["files"] == {"fp32": "model.fp32.onnx", "int8": "model.int8.onnx", "ort": "model.int8.ort"}
+    assert sidecar["recommended"]["cpu"] in ("int8", "fp32") and sidecar["recommended"]["cuda"] == "fp32"
+    assert sidecar["accuracy"]["onnx_int8"] is not None and sidecar["opset"] >= 17
 
 
-def test_parity_check_fails_on_a_broken_model(exported, tmp_path):
+def test_ort_file_loads_and_matches_int8(exported):
     cfg, _ = exported
     stage = cfg.run_dir / "export"
-    proto = onnx.load(str(stage / "model.fp32.onnx"))
-    biggest = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
-    arr = onnx.numpy_helper.to_array(biggest).copy()
-    arr *= -1.0  # deliberately break it
-    biggest.CopyFrom(onnx.numpy_helper.from_array(arr, biggest.name))
-    onnx.save(proto, str(tmp_path / "broken.onnx"))
-    info = prepare_data(cfg, write=False)
-    model, meta = load_model_artifact(cfg.run_dir / "compress" / "pruned.pt")
-    x, _ = export.load_images(info.test, meta["preprocessing"])
+    _, _, x, _ = _test_batch(cfg)
+    ort_logits = export.run_onnx(runtime.make_session(stage / "model.int8.ort", "cpu"), x)
+    int8_logits = export.run_onnx(runtime.make_session(stage / "model.int8.onnx", "cpu"), x)
+    np.testing.assert_allclose(ort_logits, int8_logits, atol=1e-4)  # fused like the desktop session
+    mobile = json.loads((cfg.run_dir / "report.json").read_text())["mobile"]
+    assert mobile["file"] == "model.int8.ort" and mobile["top1_agreement"] == 1.0
+
+
+def test_parity_check_fails_on_a_broken_model(exported, tmp_path, monkeypatch):
+    cfg0, _ = exported
+    from conftest import tiny_config
+
+    model, _, x, _ = _test_batch(cfg0)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    good = export.run_onnx(runtime.make_session(stage / "model.fp32.onnx", "cpu"), x)
-    export.check_parity(ref, good, 1e-3, 0.99)  # the real export passes
-    bad = export.run_onnx(runtime.make_session(tmp_path / "broken.onnx", "cpu"), x)
-    with pytest.raises(export.ExportError, match="parity failed"):
-        export.check_parity(ref, bad, 1e-3, 0.99)
+    good = export.run_onnx(runtime.make_session(cfg0.run_dir / "export" / "model.fp32.onnx", "cpu"), x)
+    assert export.check_parity(ref, good, 1e-3, 0.99)["max_abs_diff"] < 1e-3  # the real export passes
+
+    real_export = export.export_onnx
+
+    def broken_export(model, input_size, path, opset, exporter):  # a deliberately wrong graph
+        used = real_export(model, input_size, path, opset, exporter)
+        proto = onnx.load(str(path))
+        biggest = max(proto.graph.initializer, key=lambda t: np.prod(t.dims))
+        biggest.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(biggest), biggest.name))
+        onnx.save(proto, str(path))
+        return used
+
+    monkeypatch.setattr(export, "export_onnx", broken_export)
+    cfg = tiny_config(tmp_path / "run", cfg0.data.root, "export.exporter=legacy", "export.opset=17")
+    copy_upstream(cfg0, cfg)
+    with pytest.raises(export.ExportError, match=r"parity failed: max \|logit diff\|"):
+        export.run(cfg)
+    assert not (cfg.run_dir / "export" / "manifest.json").exists()
+    assert not (cfg.run_dir / "export" / "model.fp32.onnx").exists()  # a failed graph is not left behind
 
 
 def test_int8_fallbacks_are_tried_and_fp32_shipped_when_none_fits(exported, tmp_path):
     cfg0, _ = exported
     from conftest import tiny_config
 
-    cfg = tiny_config(tmp_path / "run", cfg0.data.root, "export.max_int8_drop=-1.0", "export.mobile=true")
-    for sub in ("finetune", "compress"):
-        (cfg.run_dir / sub).mkdir(parents=True)
-    for name in ("finetune/teacher.pt", "compress/student.pt", "compress/pruned.pt"):
-        (cfg.run_dir / name).write_bytes((cfg0.run_dir / name).read_bytes())
+    # max_int8_drop < 0: no recipe can pass, so the whole fallback chain runs and fp32 ships.
+    cfg = tiny_config(tmp_path / "run", cfg0.data.root, "export.max_int8_drop=-1.0", "export.latency_rounds=1",
+                      "export.exporter=legacy", "export.opset=17")
+    copy_upstream(cfg0, cfg)
     result = export.run(cfg)
     assert result["int8"] is None and result["recommended"]["cpu"] == "fp32"
     report = json.loads((cfg.run_dir / "report.json").read_text())
     names = [a["name"] for a in report["int8"]["attempts"]]
-    assert len(names) >= 3 and "per-tensor" in names[1] and "sensitive" in names[-1]
-    assert all("drop" in a for a in report["int8"]["attempts"]), report["int8"]["attempts"]
-    assert report["int8"]["attempts"][-1]["excluded_nodes"]  # found by comparing fp32/int8 activations
+    assert names == ["static per-channel minmax", "static per-tensor minmax", "static per-channel percentile",
+                     "static per-channel minmax minus sensitive nodes"]
+    assert all("drop" in a and a["ok"] is False for a in report["int8"]["attempts"]), report["int8"]["attempts"]
+    excluded = report["int8"]["attempts"][-1]["excluded_nodes"]  # found by comparing fp32/int8 activations
+    assert len(excluded) == cfg.export.sensitive_nodes
+    fp32_nodes = {n.name for n in onnx.load(str(cfg.run_dir / "export" / "model.fp32.onnx")).graph.node}
+    assert set(excluded) <= fp32_nodes
     assert any("shipping fp32" in w for w in report["warnings"])
-    assert not (cfg.run_dir / "export" / "model.int8.onnx").exists()
-    assert report["models"]["onnx_int8"]["accuracy"] is None
-    card = json.loads((cfg.run_dir / "export" / "model.json").read_text())
+    assert "WARNING" in (cfg.run_dir / "report.md").read_text()
+    stage = cfg.run_dir / "export"
+    assert not (stage / "model.int8.onnx").exists() and not (stage / "model.int8.ort").exists()
+    assert report["models"]["onnx_int8"]["accuracy"] is None and report["models"]["onnx_fp32"]["accuracy"] is not None
+    card = json.loads((stage / "model.json").read_text())
     assert card["files"]["int8"] is None and card["files"]["ort"] == "model.fp32.ort"
-    assert (cfg.run_dir / "export" / "model.fp32.ort").exists()
+    assert card["recommended"] == {"cpu": "fp32", "cuda": "fp32"}
+    assert read_card_from_session(runtime.make_session(stage / "model.fp32.ort", "cpu"))["labels"] == card["labels"]
 
 
-def test_predictor_without_torch_matches_pytorch(exported):
+def test_skip_when_current_rerun_when_inputs_or_config_change(exported, tmp_path):
     cfg, _ = exported
-    info = prepare_data(cfg, write=False)
-    files = [p for p, _ in info.test]
-    model, meta = load_model_artifact(cfg.run_dir / "compress" / "pruned.pt")
-    x, _ = export.load_images(info.test, meta["preprocessing"])
-    with torch.no_grad():
-        expected = model(torch.from_numpy(x)).argmax(1).tolist()
-    # A subprocess where importing torch fails: the predictor must not need it.
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from pipeline.predict import main\n"
-            f"sys.exit(main([{str(cfg.run_dir / 'export' / 'model.fp32.onnx')!r}, *{files!r}, '--json', '--top-k', '1']))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = [json.loads(line)["predictions"][0]["index"] for line in out.stdout.splitlines()]
-    assert got == expected
+    from conftest import tiny_config
+
+    assert export.run(cfg)["skipped"] is True
+    stage = cfg.run_dir / "export"
+    data = prepare_data(cfg, write=False)
+    inputs = export.stage_inputs(export.source_paths(cfg), data.fingerprint)
+    assert artifacts.manifest_is_current(stage, export.config_hash(cfg), inputs)
+    changed = tiny_config(cfg.run_dir, cfg.data.root, "export.max_int8_drop=1.0", "export.latency_rounds=1",
+                          "export.calibration_method=entropy")
+    assert not artifacts.manifest_is_current(stage, export.config_hash(changed), inputs)
+    assert not artifacts.manifest_is_current(stage, export.config_hash(cfg), {**inputs, "pruned.pt": "0" * 64})
+    # a missing upstream artifact names the make target that writes it
+    empty = tiny_config(tmp_path / "empty", cfg.data.root)
+    with pytest.raises(FileNotFoundError, match="make finetune|make compress"):
+        export.run(empty)
+    (empty.run_dir / "finetune").mkdir(parents=True)
+    shutil.copy2(cfg.run_dir / "finetune/teacher.pt", empty.run_dir / "finetune/teacher.pt")
+    with pytest.raises(FileNotFoundError, match="pruned.pt is missing: run `make compress`"):
+        export.run(empty)
+    with pytest.raises(ConfigError, match="export.opset"):
+        tiny_config(tmp_path / "x", cfg.data.root, "export.opset=13")
+
+
+def test_dynamic_quantization_option_runs(exported, tmp_path):
+    cfg, _ = exported
+    _, _, x, _ = _test_batch(cfg)
+    out = tmp_path / "dyn.onnx"
+    export.quantize(cfg.run_dir / "export" / "model.fp32.onnx", out, x, {"kind": "dynamic", "per_channel": False})
+    logits = export.run_onnx(runtime.make_session(out, "cpu"), x)
+    assert logits.shape == (len(x), 3) and np.isfinite(logits).all()
+
+
+def test_stratified_calibration_sample_covers_every_class():
+    samples = [(f"{c}_{i}", c) for c in range(4) for i in range(10 + 5 * c)]
+    picked = export.stratified_sample(samples, 8, seed=0)
+    assert len(picked) == 8 and sorted({label for _, label in picked}) == [0, 1, 2, 3]
+    assert len(export.stratified_sample(samples, 1000, seed=0)) == len(samples)
