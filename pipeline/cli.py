@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     from models.build import WeightsUnavailable
     from pipeline.config import ConfigError, load_config
     from pipeline.data import DataError
+    from pipeline.stage import StageError
 
     config = args.config
     if config is None and os.path.exists("configs/default.yaml"):
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
         cfg = load_config(config, args.overrides)
         module = importlib.import_module(f"pipeline.{args.stage}")
         module.run(cfg, force=args.force)
-    except (ConfigError, DataError, WeightsUnavailable, FileNotFoundError) as e:
+    except (ConfigError, DataError, WeightsUnavailable, FileNotFoundError, StageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import build_model, find_head, load_model_artifact, rebuild_pruned, save_model_artifact
-from models.artifact import _plain_history
-from pipeline import artifacts, engine
+from models import build_model, find_head, load_model_artifact, plain_history, rebuild_pruned, save_model_artifact
+from pipeline import artifacts, engine, probe
 from pipeline.config import ConfigError
-from pipeline.data import is_augmented, make_loader, prepare_data, resolve_preprocessing, steps_per_epoch, summary
+from pipeline.data import is_augmented, make_loader, prepare_data_all_ranks, resolve_preprocessing, steps_per_epoch, summary
+from pipeline.stage import Stage
 
 STAGE = "compress"
 PRE_KEYS = ("input_size", "resize_size", "crop_size", "interpolation", "mean", "std")
@@ -147,7 +147,7 @@ def prune_copy(model: nn.Module, ratio: float, input_size, cfg_c, grads: list | 
     if ratio > 0:
         pruner.step()
     m.zero_grad(set_to_none=True)
-    return m, _plain_history(pruner.pruning_history())
+    return m, plain_history(pruner.pruning_history())
 
 
 def nearest_round_ratios(model: nn.Module, head: nn.Module, ratio: float, cfg_c) -> dict | None:
@@ -251,7 +251,8 @@ def check_same_shapes(a: nn.Module, b: nn.Module, what: str) -> None:
 def check_reload(path, model: nn.Module, input_size, what: str) -> float:
     """Reload an artifact (weights_only, rebuilt from name + history) and compare outputs with `model`."""
     reloaded, _ = load_model_artifact(path)
-    m = copy.deepcopy(engine.unwrap(model)).cpu().eval()
+    # channels_last (the CUDA default) reorders the arithmetic: compare like with like, in contiguous layout
+    m = engine.cpu_copy(model)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, *input_size, generator=g)
     with torch.no_grad():
@@ -259,6 +260,42 @@ def check_reload(path, model: nn.Module, input_size, what: str) -> float:
     if not diff <= RELOAD_ATOL:
         raise RuntimeError(f"{what}: reloaded {path} gives outputs {diff:.3g} away from the in-memory model")
     return diff
+
+
+# ----------------------------------------------------------------------------- the student's start
+
+def fit_student_probe(stage: Stage, model: nn.Module, pre: dict, data, tmeta: dict) -> dict:
+    """The student's own frozen-feature probe becomes its head (rank 0 fits, every rank gets the same), and is
+    saved as probe_student.pt: a valid model to ship, and the floor the student must not fall below."""
+    info = None
+    if stage.is_main:
+        t0 = time.perf_counter()
+        loaders = {s: make_loader(getattr(data, s), pre, stage.cfg, train=False) for s in ("train", "val", "test")}
+        fitted, feats = probe.probe_model(model, loaders, stage.device, len(data.classes), stage.cfg.run.seed)
+        test_logits = probe.probe_logits(fitted, feats["test"][0])
+        info = {"weight": fitted["weight"], "bias": fitted["bias"], "C": fitted["C"],
+                "selection_accuracy": fitted["selection_accuracy"],
+                "test_accuracy": float((test_logits.argmax(1) == feats["test"][1]).mean()),
+                "seconds": round(time.perf_counter() - t0, 2)}
+        save_model_artifact(stage.dir / "probe_student.pt", model, name=stage.cfg.student.name, classes=data.classes,
+                            preprocessing=pre, extra={"probe": True, "C": info["C"],
+                                                      "val_accuracy": info["selection_accuracy"]})
+        stage.log(f"student probe (frozen pretrained features, C={info['C']:g}): selection accuracy "
+                  f"{info['selection_accuracy']:.4f}, report-split accuracy {info['test_accuracy']:.4f} "
+                  f"({info['seconds']:.0f}s); it is the student's starting head")
+    info = engine.broadcast_object(info)
+    probe.set_head(engine.unwrap(model), info)
+    return {k: v for k, v in info.items() if k not in ("weight", "bias")}
+
+
+def param_groups(model: nn.Module, lr: float, backbone_lr_mult: float) -> list[dict]:
+    """The head at `lr`, the pretrained backbone at lr * backbone_lr_mult (one group when the mult is 1)."""
+    head_name, _ = find_head(model)
+    head = [p for n, p in model.named_parameters() if n.startswith(head_name + ".")]
+    backbone = [p for n, p in model.named_parameters() if not n.startswith(head_name + ".")]
+    if backbone_lr_mult == 1.0:
+        return [{"params": head + backbone, "lr": lr}]
+    return [{"params": head, "lr": lr}, {"params": backbone, "lr": lr * backbone_lr_mult}]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -298,12 +335,6 @@ def _snapshot(model: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in engine.unwrap(model).state_dict().items()}
 
 
-def _latency(model: nn.Module, input_size, runs: int) -> dict:
-    m = copy.deepcopy(engine.unwrap(model)).cpu().float().eval()
-    return {"latency_ms_b1": round(engine.measure_latency_ms(m, input_size, 1, runs), 3),
-            "latency_ms_b32": round(engine.measure_latency_ms(m, input_size, 32, max(3, runs // 3)), 3)}
-
-
 def _plot(curve: list[dict], student_val: float, max_drop: float, teacher_val: float | None, path: Path) -> None:
     import matplotlib
 
@@ -332,332 +363,365 @@ def _plot(curve: list[dict], student_val: float, max_drop: float, teacher_val: f
 
 
 def _table(rows: dict) -> str:
-    head = f"{'model':<10} {'params':>10} {'MACs':>12} {'val acc':>8} {'test acc':>8} {'ms b1':>8} {'ms b32':>8}"
+    head = f"{'model':<10} {'params':>10} {'MACs':>12} {'selection':>9} {'report':>8}"
     lines = [head, "-" * len(head)]
     for name, r in rows.items():
-        lines.append(f"{name:<10} {r['params'] / 1e6:>9.3f}M {r['macs'] / 1e6:>11.2f}M {r['val_accuracy']:>8.4f} "
-                     f"{r['test_accuracy']:>8.4f} {r['latency_ms_b1']:>8.2f} {r['latency_ms_b32']:>8.2f}")
+        lines.append(f"{name:<10} {r['params'] / 1e6:>9.3f}M {r['macs'] / 1e6:>11.2f}M {r['val_accuracy']:>9.4f} "
+                     f"{r['test_accuracy']:>8.4f}")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- the stage
 
 def run(cfg, force: bool = False) -> dict:
-    t_start = time.perf_counter()
     check_config(cfg)
-    dist, device = engine.init_distributed(cfg.run.device)
-    engine.set_threads(cfg.run.threads)
-    cc = cfg.compress
-    stage_dir = cfg.run_dir / STAGE
-    log = print if dist.is_main else (lambda *a, **k: None)
-    teacher_path = cfg.run_dir / "finetune" / "teacher.pt"
-    if not teacher_path.exists():
-        raise FileNotFoundError(f"{teacher_path} does not exist: the compress stage distils the fine-tuned teacher. "
-                                f"Run `make finetune` (python -m pipeline finetune, same config) first")
-    if not (teacher_path.parent / "manifest.json").exists():
-        log(f"[compress] warning: {teacher_path.parent}/manifest.json is missing (finetune unfinished or rerunning?); "
-            f"using {teacher_path} as it is")
+    stage = Stage.open(cfg, STAGE)
+    teacher_sha = stage.require("finetune", ["teacher.pt"])["teacher.pt"]
+    data = prepare_data_all_ranks(cfg, stage.is_main)
+    chash, inputs = config_hash(cfg), {"teacher.pt": teacher_sha, "data": data.fingerprint}
+    if stage.up_to_date(chash, inputs, force):
+        return stage.skipped()
+    stage.log(f"data: {summary(data)}")
+    ckpt = stage.resume_or_restart(
+        engine.load_checkpoint(stage.dir / "checkpoint.pt"),
+        lambda c: (c.get("config_hash"), c.get("teacher"), c.get("data"), c.get("world_size"))
+        == (chash, teacher_sha, data.fingerprint, stage.dist.world_size))
+    stage.start(resuming=ckpt is not None)
 
-    if dist.is_main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        data = prepare_data(cfg)
+    job = Compression(stage, data, ckpt, chash, teacher_sha)
+    if job.st["phase"] == "distill":
+        job.distil()
+    job.prune()
+    model, history = job.kept_model()
+    result = job.write_outputs(model, history, inputs) if stage.is_main else {}
     engine.barrier()
-    if not dist.is_main:
-        data = prepare_data(cfg, write=False)
-    teacher_sha = artifacts.sha256_file(teacher_path)
-    chash = config_hash(cfg)
-    inputs = {"teacher.pt": teacher_sha, "data": data.fingerprint}
-    if not force and artifacts.manifest_is_current(stage_dir, chash, inputs):
-        log(f"[compress] up to date, skipping ({stage_dir / 'manifest.json'}; use --force to rerun)")
-        return {"skipped": True, "stage_dir": str(stage_dir)}
-    log(f"[compress] data: {summary(data)}")
-    engine.barrier()
-    if dist.is_main:
-        artifacts.invalidate(stage_dir)
+    return {"skipped": False, "stage_dir": str(stage.dir), **result}
 
-    # ---- models and preprocessing
-    num_classes = len(data.classes)
-    torch.manual_seed(cfg.run.seed)
-    teacher, tmeta = load_model_artifact(teacher_path, device)
-    if list(tmeta["classes"]) != list(data.classes):
-        raise ConfigError(f"{teacher_path} was trained on classes {tmeta['classes']}, the data has {data.classes}. "
-                          f"Fix: rerun `make finetune` with this data")
-    teacher_pre = tmeta["preprocessing"]
-    model, native = build_model(cfg.student.name, num_classes, cfg.student.weights)
-    pre = resolve_preprocessing(native, cfg.data)
-    input_size = pre["input_size"]
-    two_views = not same_preprocessing(pre, teacher_pre)
-    log(f"[compress] teacher {tmeta['name']} ({engine.count_params(teacher) / 1e6:.2f}M params, input "
-        f"{teacher_pre['input_size']}, mean {teacher_pre['mean']}) -> student {cfg.student.name} "
-        f"({engine.count_params(model) / 1e6:.2f}M params, input {input_size}, mean {pre['mean']}); "
-        + ("each model gets its own preprocessing of the same crops" if two_views else "same preprocessing"))
 
-    amp = engine.amp_dtype(cc.amp, device)
-    channels_last = engine.use_channels_last(cc.channels_last, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    steps = steps_per_epoch(len(data.train), cfg.data.batch_size, dist.world_size, cc.max_steps_per_epoch)
-    ckpt_path = stage_dir / "checkpoint.pt"
+class Compression:
+    """One compress run. `st` is the plain state the checkpoint saves (with the model, optimizer, scheduler,
+    scaler and RNG): phase, epoch/step within it, pruning step, curves, the last model within budget."""
 
-    # ---- teacher logits cache (no augmentation only: every epoch sees the same pixels)
-    cached = None
-    train_samples = data.train
-    if cc.cache_teacher_logits and cc.alpha > 0:
-        cache_path = stage_dir / "teacher_logits.pt"
-        key = artifacts.sha256_json({"teacher": teacher_sha, "data": data.fingerprint, "pre": teacher_pre,
-                                     "n": len(data.train), "samples": [p for p, _ in data.train]})
-        if dist.is_main:
-            blob = artifacts.torch_load(cache_path) if cache_path.exists() else None
-            if not (isinstance(blob, dict) and blob.get("key") == key):
-                t0 = time.perf_counter()
-                logits, _ = engine.predict(teacher, make_loader(data.train, teacher_pre, cfg, train=False), device, amp)
-                artifacts.torch_save({"key": key, "logits": logits}, cache_path)
-                log(f"[compress] cached the teacher's logits for {len(logits)} training images "
-                    f"({time.perf_counter() - t0:.1f}s) in {cache_path}")
-        engine.barrier()
-        cached = artifacts.torch_load(cache_path)["logits"]
-        train_samples = index_labels(data.train, num_classes)
-    task = DistillationTask(teacher, cc.temperature, cc.alpha, num_classes, two_views and cached is None, cached)
+    def __init__(self, stage: Stage, data, ckpt: dict | None, chash: str, teacher_sha: str):
+        cfg, cc, device = stage.cfg, stage.cfg.compress, stage.device
+        self.stage, self.cfg, self.cc, self.data, self.device = stage, cfg, cc, data, device
+        self.chash, self.teacher_sha, self.num_classes = chash, teacher_sha, len(data.classes)
+        torch.manual_seed(cfg.run.seed)
+        self.load_models()
+        self.amp = engine.amp_dtype(cc.amp, device)
+        self.channels_last = engine.use_channels_last(cc.channels_last, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.steps = steps_per_epoch(len(data.train), cfg.data.batch_size, stage.dist.world_size, cc.max_steps_per_epoch)
+        self.make_task()
+        self.val_loader = make_loader(data.val, self.pre, cfg, train=False) if stage.is_main else None
+        student_probe = fit_student_probe(stage, self.model, self.pre, data, self.tmeta) \
+            if ckpt is None and cc.probe_init else None
+        self.st = {"phase": "distill", "epoch": 0, "step": 0, "prune_step": 0, "recovering": False, "history": [],
+                   "distill_history": [], "curve": [], "student_val": None, "base": None, "good": None,
+                   "stopped": None, "train_seconds": 0.0, "probe": student_probe, "student_source": "distilled"}
+        self.opt = self.sched = None
+        self.resume_optimizer = ckpt if ckpt is not None and ckpt.get("optimizer") is not None else None
+        if ckpt is not None:
+            self.resume(ckpt)
 
-    def train_loader(epoch: int, start_step: int = 0, rank=None, world_size=None, augment=None):
-        return make_loader(train_samples, pre, cfg, train=True, epoch=epoch, start_step=start_step,
-                           rank=dist.rank if rank is None else rank,
-                           world_size=dist.world_size if world_size is None else world_size,
-                           extra_pre=teacher_pre if task.two_views else None, augment=augment)
+    # ------------------------------------------------------------------ setup
+    def load_models(self) -> None:
+        cfg, device = self.cfg, self.device
+        teacher_path = cfg.run_dir / "finetune" / "teacher.pt"
+        self.teacher, self.tmeta = load_model_artifact(teacher_path, device)
+        if list(self.tmeta["classes"]) != list(self.data.classes):
+            raise ConfigError(f"{teacher_path} was trained on classes {self.tmeta['classes']}, the data has "
+                              f"{self.data.classes}. Fix: rerun `make finetune` with this data")
+        self.teacher_pre = self.tmeta["preprocessing"]
+        self.model, native = build_model(cfg.student.name, self.num_classes, cfg.student.weights)
+        self.pre = resolve_preprocessing(native, cfg.data)
+        self.input_size = self.pre["input_size"]
+        self.two_views = not same_preprocessing(self.pre, self.teacher_pre)
+        self.stage.log(f"teacher {self.tmeta['name']} ({engine.count_params(self.teacher) / 1e6:.2f}M params, input "
+                       f"{self.teacher_pre['input_size']}, mean {self.teacher_pre['mean']}) -> student {cfg.student.name} "
+                       f"({engine.count_params(self.model) / 1e6:.2f}M params, input {self.input_size}, mean "
+                       f"{self.pre['mean']}); " + ("each model gets its own preprocessing of the same crops"
+                                                   if self.two_views else "same preprocessing"))
+        self.model.to(device)
 
-    val_loader = make_loader(data.val, pre, cfg, train=False) if dist.is_main else None
+    def make_task(self) -> None:
+        """The KD objective; with compress.cache_teacher_logits (no augmentation only) the teacher runs once."""
+        cc, data, stage = self.cc, self.data, self.stage
+        self.cached, self.train_samples = None, data.train
+        if cc.cache_teacher_logits and cc.alpha > 0:
+            cache_path = stage.dir / "teacher_logits.pt"
+            key = artifacts.sha256_json({"teacher": self.teacher_sha, "data": data.fingerprint, "pre": self.teacher_pre,
+                                         "n": len(data.train), "samples": [p for p, _ in data.train]})
+            if stage.is_main:
+                blob = artifacts.torch_load(cache_path) if cache_path.exists() else None
+                if not (isinstance(blob, dict) and blob.get("key") == key):
+                    t0 = time.perf_counter()
+                    logits, _ = engine.predict(self.teacher, make_loader(data.train, self.teacher_pre, self.cfg,
+                                                                         train=False), self.device, self.amp)
+                    artifacts.torch_save({"key": key, "logits": logits}, cache_path)
+                    stage.log(f"cached the teacher's logits for {len(logits)} training images "
+                              f"({time.perf_counter() - t0:.1f}s) in {cache_path}")
+            engine.barrier()
+            self.cached = artifacts.torch_load(cache_path)["logits"]
+            self.train_samples = index_labels(data.train, self.num_classes)
+        self.task = DistillationTask(self.teacher, cc.temperature, cc.alpha, self.num_classes,
+                                     self.two_views and self.cached is None, self.cached)
 
-    def val_acc(m) -> float:
-        return _val_accuracy(m, val_loader, device, num_classes, amp)
-
-    # ---- resume or start
-    st = {"phase": "distill", "epoch": 0, "step": 0, "prune_step": 0, "recovering": False, "history": [],
-          "distill_history": [], "curve": [], "student_val": None, "base": None, "good": None, "stopped": None,
-          "train_seconds": 0.0}
-    ckpt = engine.load_checkpoint(ckpt_path)
-    if ckpt is not None and (ckpt.get("config_hash") != chash or ckpt.get("teacher") != teacher_sha
-                             or ckpt.get("data") != data.fingerprint or ckpt.get("world_size") != dist.world_size):
-        log("[compress] checkpoint is from another config, teacher, data or world size: starting over")
-        ckpt = None
-    if ckpt is not None:
+    def resume(self, ckpt: dict) -> None:
+        st = self.st
         st.update(ckpt["state"])
         if st["history"]:
-            model = rebuild(cfg.student.name, num_classes, st["history"], input_size)
-        model.load_state_dict(ckpt["model"])
+            self.model = rebuild(self.cfg.student.name, self.num_classes, st["history"], self.input_size)
+        self.model.load_state_dict(ckpt["model"])
+        self.model.to(self.device)
         where = (f"distillation epoch {st['epoch'] + 1}, step {st['step']}" if st["phase"] == "distill" else
                  f"pruning step {st['prune_step'] + 1}, recovery epoch {st['epoch'] + 1} step {st['step']}"
                  if st["recovering"] else f"the end of pruning step {st['prune_step']}")
-        log(f"[compress] resuming at {where}")
-    model.to(device)
+        self.stage.log(f"resuming at {where}")
+        # the RNG state of the interrupted run, right where it was saved (dropout etc.)
+        engine.set_rng_state(ckpt["rng"])
 
-    opt = sched = None
+    # ------------------------------------------------------------------ plumbing
+    def train_loader(self, epoch: int, start_step: int = 0, rank=None, world_size=None, augment=None):
+        dist = self.stage.dist
+        return make_loader(self.train_samples, self.pre, self.cfg, train=True, epoch=epoch, start_step=start_step,
+                           rank=dist.rank if rank is None else rank,
+                           world_size=dist.world_size if world_size is None else world_size,
+                           extra_pre=self.teacher_pre if self.task.two_views else None, augment=augment)
 
-    resume_optimizer = ckpt if ckpt is not None and ckpt.get("optimizer") is not None else None
+    def val_acc(self, model) -> float:
+        return _val_accuracy(model, self.val_loader, self.device, self.num_classes, self.amp)
 
-    def new_optimizer(lr: float, epochs: int, warmup_epochs: float):
-        nonlocal opt, sched, resume_optimizer
-        opt = torch.optim.AdamW(engine.unwrap(model).parameters(), lr=lr, weight_decay=cc.weight_decay)
-        fn = engine.warmup_decay_lambda(max(1, epochs) * steps, int(round(warmup_epochs * steps)), "cosine")
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
-        if resume_optimizer is not None:  # only the training phase the checkpoint was taken in
-            opt.load_state_dict(resume_optimizer["optimizer"])
-            sched.load_state_dict(resume_optimizer["scheduler"])
-            if resume_optimizer.get("scaler"):
-                scaler.load_state_dict(resume_optimizer["scaler"])
-            resume_optimizer = None
+    def new_optimizer(self, lr: float, epochs: int, warmup_epochs: float, backbone_lr_mult: float = 1.0) -> None:
+        run, world = self.cfg.run, self.stage.dist.world_size
+        lr = engine.scaled_lr(lr, self.cfg.data.batch_size * world * run.grad_accum_steps,
+                              base_batch=self.cfg.data.batch_size, rule=run.lr_scaling, optimizer="adamw")
+        self.opt = torch.optim.AdamW(param_groups(engine.unwrap(self.model), lr, backbone_lr_mult), lr=lr,
+                                     weight_decay=self.cc.weight_decay)
+        fn = engine.warmup_decay_lambda(max(1, epochs) * self.steps, int(round(warmup_epochs * self.steps)), "cosine")
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, fn)
+        if self.resume_optimizer is not None:  # only the training phase the checkpoint was taken in
+            self.opt.load_state_dict(self.resume_optimizer["optimizer"])
+            self.sched.load_state_dict(self.resume_optimizer["scheduler"])
+            engine.restore_scaler(self.scaler, self.resume_optimizer.get("scaler"))
+            self.resume_optimizer = None
 
-    def save_ckpt() -> None:
-        if dist.is_main:
+    def save_ckpt(self) -> None:
+        if self.stage.is_main:
             engine.save_checkpoint(
-                ckpt_path, model=engine.unwrap(model).state_dict(), state=st,
-                optimizer=opt.state_dict() if opt is not None else None,
-                scheduler=sched.state_dict() if sched is not None else None, scaler=scaler.state_dict(),
-                config_hash=chash, teacher=teacher_sha, data=data.fingerprint, world_size=dist.world_size)
+                self.stage.dir / "checkpoint.pt", model=engine.unwrap(self.model).state_dict(), state=self.st,
+                optimizer=self.opt.state_dict() if self.opt is not None else None,
+                scheduler=self.sched.state_dict() if self.sched is not None else None,
+                scaler=self.scaler.state_dict(), config_hash=self.chash, teacher=self.teacher_sha,
+                data=self.data.fingerprint, world_size=self.stage.dist.world_size)
 
-    def wrap():
-        m = engine.unwrap(model)
-        if channels_last:
+    def wrap(self):
+        m = engine.unwrap(self.model)
+        if self.channels_last:
             m.to(memory_format=torch.channels_last)
-        if dist.distributed:
-            return nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if device.type == "cuda" else None)
-        return m
+        return engine.wrap_for_training(m, self.stage.dist, self.device, compile=self.cfg.run.compile)
 
-    def train_epochs(total: int, desc: str):
-        """Run epochs st['epoch'] .. total-1 (resuming mid-epoch at st['step']); checkpoint after each."""
-        ddp_model = wrap()
-        every = cc.checkpoint_every_steps
+    def train_epochs(self, total: int, desc: str):
+        """Run epochs st['epoch'] .. total-1 (resuming mid-epoch at st['step']); yields each epoch's record."""
+        st, ddp_model, every = self.st, self.wrap(), self.cc.checkpoint_every_steps
         while st["epoch"] < total:
             epoch = st["epoch"]
 
-            def on_step(s, epoch=epoch):
-                if every > 0 and s % every == 0 and s < steps:
+            def on_step(s):
+                if every > 0 and s % every == 0 and s < self.steps:
                     st["step"] = s
-                    save_ckpt()
+                    self.save_ckpt()
             # Each phase has its own data order: recovery after step k uses epochs 1000*k + e.
             data_epoch = epoch + 1000 * (st["prune_step"] + 1 if st["phase"] == "prune" else 0)
             start = st["step"]
-            loader = train_loader(data_epoch, start)
             r = engine.train_one_epoch(
-                ddp_model, loader, opt, sched, task, device, amp=amp, scaler=scaler, grad_clip=cc.grad_clip,
-                channels_last=channels_last, start_step=start, max_steps=steps, on_step=on_step,
-                progress=cfg.run.progress and dist.is_main, desc=f"{desc} epoch {epoch + 1}/{total}")
+                ddp_model, self.train_loader(data_epoch, start), self.opt, self.sched, self.task, self.device,
+                amp=self.amp, scaler=self.scaler, grad_clip=self.cc.grad_clip, channels_last=self.channels_last,
+                start_step=start, max_steps=self.steps, on_step=on_step,
+                progress=self.cfg.run.progress and self.stage.is_main, desc=f"{desc} epoch {epoch + 1}/{total}")
             st["train_seconds"] += r["seconds"]
             rec = {"epoch": epoch, "train_loss": r["loss"], "train_accuracy": r["accuracy"],
-                   "images_per_s": r["images_per_s"] * dist.world_size, "resumed_mid_epoch": start > 0}
+                   "images_per_s": r["images_per_s"] * self.stage.dist.world_size, "resumed_mid_epoch": start > 0}
             st.update(epoch=epoch + 1, step=0)
             yield rec
 
-    # Resuming restores the RNG state of the interrupted run right where it was saved (dropout etc.).
-    if ckpt is not None:
-        engine.set_rng_state(ckpt["rng"])
-
-    # ---- 1. distillation
-    if st["phase"] == "distill":
-        new_optimizer(cc.lr, cc.epochs, cc.warmup_epochs)
-        log(f"[compress] distillation: {cc.epochs} epoch(s) x {steps} steps, T={cc.temperature:g}, "
-            f"alpha={cc.alpha:g}, lr {cc.lr:g}" + (", teacher logits cached" if cached is not None else ""))
-        for rec in train_epochs(cc.epochs, "distil"):
-            rec["val_accuracy"] = val_acc(model)
+    # ------------------------------------------------------------------ 1. distillation
+    def distil(self) -> None:
+        cc, st, log = self.cc, self.st, self.stage.log
+        self.new_optimizer(cc.lr, cc.epochs, cc.warmup_epochs, cc.backbone_lr_mult)
+        log(f"distillation: {cc.epochs} epoch(s) x {self.steps} steps, T={cc.temperature:g}, alpha={cc.alpha:g}, "
+            f"lr head {cc.lr:g}, backbone {cc.lr * cc.backbone_lr_mult:g}, warmup {cc.warmup_epochs:g} epoch"
+            + (", teacher logits cached" if self.cached is not None else ""))
+        for rec in self.train_epochs(cc.epochs, "distil"):
+            rec["val_accuracy"] = self.val_acc(self.model)
             st["distill_history"].append(rec)
-            log(f"[compress] distil epoch {rec['epoch'] + 1}/{cc.epochs}: train loss {rec['train_loss']:.4f} "
-                f"acc {rec['train_accuracy']:.4f} | val acc {rec['val_accuracy']:.4f} | {rec['images_per_s']:.0f} img/s")
-            save_ckpt()
-        st["student_val"] = val_acc(model)
-        if dist.is_main:
-            save_model_artifact(stage_dir / "student.pt", model, name=cfg.student.name, classes=data.classes,
-                                preprocessing=pre, extra={"distilled_from": tmeta["name"], "val_accuracy": st["student_val"]})
-            check_reload(stage_dir / "student.pt", model, input_size, "student.pt")
-        m = engine.unwrap(model)
-        st["base"] = {"macs": engine.count_macs(m, input_size), "params": engine.count_params(m)}
+            log(f"distil epoch {rec['epoch'] + 1}/{cc.epochs}: train loss {rec['train_loss']:.4f} acc "
+                f"{rec['train_accuracy']:.4f} | selection acc {rec['val_accuracy']:.4f} | {rec['images_per_s']:.0f} img/s")
+            self.save_ckpt()
+        st["student_val"] = self.val_acc(self.model)
+        if st["probe"] is not None and st["probe"]["selection_accuracy"] > st["student_val"]:
+            # The distilled student fell below its own frozen-feature probe: the pretrained backbone with the
+            # probe's head is a valid model, and the better one.
+            log(f"the distilled student ({st['student_val']:.4f} on the selection split) is below its probe "
+                f"({st['probe']['selection_accuracy']:.4f}): the student is the probe (pretrained backbone + "
+                "logistic-regression head)")
+            probe_model, _ = load_model_artifact(self.stage.dir / "probe_student.pt", self.device)
+            self.model.load_state_dict(probe_model.state_dict())
+            st["student_val"], st["student_source"] = self.val_acc(self.model), "probe"
+        if self.stage.is_main:
+            save_model_artifact(self.stage.dir / "student.pt", self.model, name=self.cfg.student.name,
+                                classes=self.data.classes, preprocessing=self.pre,
+                                extra={"distilled_from": self.tmeta["name"], "val_accuracy": st["student_val"],
+                                       "source": st["student_source"]})
+            check_reload(self.stage.dir / "student.pt", self.model, self.input_size, "student.pt")
+        m = engine.unwrap(self.model)
+        st["base"] = {"macs": engine.count_macs(m, self.input_size), "params": engine.count_params(m)}
         st["curve"] = [{"step": 0, "channel_ratio": 0.0, **st["base"], "macs_ratio": 1.0, "params_ratio": 1.0,
                         "val_accuracy_before_recovery": st["student_val"],
                         "val_accuracy_after_recovery": st["student_val"], "within_budget": True}]
-        st["good"] = {"step": 0, "history": [], "model": _snapshot(model)}
+        st["good"] = {"step": 0, "history": [], "model": _snapshot(self.model)}
         st.update(phase="prune", epoch=0, step=0)
-        opt = sched = None
-        log(f"[compress] distilled student: val accuracy {st['student_val']:.4f}, {st['base']['params'] / 1e6:.3f}M "
-            f"params, {st['base']['macs'] / 1e6:.2f}M MACs")
-        save_ckpt()
+        self.opt = self.sched = None
+        log(f"student: selection accuracy {st['student_val']:.4f}, {st['base']['params'] / 1e6:.3f}M params, "
+            f"{st['base']['macs'] / 1e6:.2f}M MACs")
+        self.save_ckpt()
 
-    # ---- 2. iterative pruning with KD recovery and the accuracy budget
-    by = "params" if cc.target_params_ratio is not None else "macs"
-    ratio = cc.target_params_ratio if by == "params" else cc.target_macs_ratio
-    n_steps = cc.pruning_steps if ratio < 1 else 0
-    # Recovery restarts from a trained model: a quarter of the distillation LR (digits, 3 steps to 0.5 MACs:
-    # val 0.952 after step 2 at lr 0.002 vs 0.967 at 0.0005)
-    recovery_lr = cc.recovery_lr if cc.recovery_lr is not None else cc.lr / 4
-    while st["prune_step"] < n_steps and st["stopped"] is None:
-        k = st["prune_step"] + 1
-        if not st["recovering"]:
-            target = st["base"][by] * ratio ** (k / n_steps)
-            grads = taylor_grads(model, task, train_loader, cc, device) if cc.importance == "taylor" else None
-            t0 = time.perf_counter()
-            pruned, hist, info = prune_to(engine.unwrap(model), target, input_size, cc, by, grads)
-            model = pruned.to(device)
-            for p in model.parameters():
-                p.requires_grad_(True)
-            st["history"] = st["history"] + hist
-            # every transformation ends with a check: the head and the replayable history
-            with torch.no_grad():
-                out = model.eval()(torch.zeros(1, *input_size, device=device))
-            if out.shape != (1, num_classes):
-                raise RuntimeError(f"pruning step {k}: the model now gives {tuple(out.shape)} outputs")
-            check_same_shapes(model, rebuild(cfg.student.name, num_classes, st["history"], input_size),
-                              f"pruning step {k}")
-            recalibrate_bn(model, train_loader(0, rank=0, world_size=1, augment=False), cc.bn_recalibration_batches,
-                           device)
-            same = engine.broadcast_object(artifacts.sha256_json(st["history"]))
-            if same != artifacts.sha256_json(st["history"]):
-                raise RuntimeError(f"pruning step {k} differs between DDP ranks")
-            macs, params = engine.count_macs(model, input_size), engine.count_params(model)
-            before = val_acc(model)  # after BN recalibration, before any training
-            st["curve"].append({"step": k, "channel_ratio": round(info["ratio"], 5), "macs": macs, "params": params,
-                                "macs_ratio": macs / st["base"]["macs"], "params_ratio": params / st["base"]["params"],
-                                "target_ratio": ratio ** (k / n_steps), "target_reached": info["reached"],
-                                "val_accuracy_before_recovery": before, "prune_seconds": time.perf_counter() - t0})
-            log(f"[compress] pruning step {k}/{n_steps} ({cc.importance}): channel ratio {info['ratio']:.3f} -> "
-                f"{macs / 1e6:.2f}M MACs ({macs / st['base']['macs']:.3f}), {params / 1e6:.3f}M params "
-                f"({params / st['base']['params']:.3f}); val acc before recovery {before:.4f}")
-            if not info["reached"]:
-                log(f"[compress] warning: step {k} could not reach its {by} target {info['target']} even at "
-                    f"compress.max_layer_pruning_ratio={cc.max_layer_pruning_ratio}")
-            st.update(recovering=True, epoch=0, step=0)
-            opt = sched = None
-            save_ckpt()
-        new_optimizer(recovery_lr, cc.recovery_epochs, 0.0)
-        recovery = st["curve"][-1].setdefault("recovery", [])
-        for rec in train_epochs(cc.recovery_epochs, f"recover {k}/{n_steps}"):
+    # ------------------------------------------------------------------ 2. pruning, recovery, budget
+    def target(self) -> tuple[str, float, int]:
+        cc = self.cc
+        by = "params" if cc.target_params_ratio is not None else "macs"
+        ratio = cc.target_params_ratio if by == "params" else cc.target_macs_ratio
+        return by, ratio, cc.pruning_steps if ratio < 1 else 0
+
+    def prune(self) -> None:
+        """compress.pruning_steps rounds of prune -> recover -> budget, resuming wherever the checkpoint was."""
+        st = self.st
+        _, _, n_steps = self.target()
+        while st["prune_step"] < n_steps and st["stopped"] is None:
+            k = st["prune_step"] + 1
+            if not st["recovering"]:
+                self.prune_step(k)
+            self.recover(k)
+            self.judge(k)
+            st.update(prune_step=k, recovering=False, epoch=0, step=0)
+            self.opt = self.sched = None
+            self.save_ckpt()
+
+    def prune_step(self, k: int) -> None:
+        """Prune to this step's MACs (or params) target, check the result, recalibrate BatchNorm."""
+        cc, st, device, input_size = self.cc, self.st, self.device, self.input_size
+        by, ratio, n_steps = self.target()
+        target = st["base"][by] * ratio ** (k / n_steps)
+        grads = taylor_grads(self.model, self.task, self.train_loader, cc, device) if cc.importance == "taylor" else None
+        t0 = time.perf_counter()
+        pruned, hist, info = prune_to(engine.unwrap(self.model), target, input_size, cc, by, grads)
+        self.model = pruned.to(device)
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        st["history"] = st["history"] + hist
+        # every transformation ends with a check: the head and the replayable history
+        with torch.no_grad():
+            out = self.model.eval()(torch.zeros(1, *input_size, device=device))
+        if out.shape != (1, self.num_classes):
+            raise RuntimeError(f"pruning step {k}: the model now gives {tuple(out.shape)} outputs")
+        check_same_shapes(self.model, rebuild(self.cfg.student.name, self.num_classes, st["history"], input_size),
+                          f"pruning step {k}")
+        recalibrate_bn(self.model, self.train_loader(0, rank=0, world_size=1, augment=False),
+                       cc.bn_recalibration_batches, device)
+        same = engine.broadcast_object(artifacts.sha256_json(st["history"]))
+        if same != artifacts.sha256_json(st["history"]):
+            raise RuntimeError(f"pruning step {k} differs between DDP ranks")
+        macs, params = engine.count_macs(self.model, input_size), engine.count_params(self.model)
+        before = self.val_acc(self.model)  # after BN recalibration, before any training
+        st["curve"].append({"step": k, "channel_ratio": round(info["ratio"], 5), "macs": macs, "params": params,
+                            "macs_ratio": macs / st["base"]["macs"], "params_ratio": params / st["base"]["params"],
+                            "target_ratio": ratio ** (k / n_steps), "target_reached": info["reached"],
+                            "val_accuracy_before_recovery": before, "prune_seconds": time.perf_counter() - t0})
+        self.stage.log(f"pruning step {k}/{n_steps} ({cc.importance}): channel ratio {info['ratio']:.3f} -> "
+                       f"{macs / 1e6:.2f}M MACs ({macs / st['base']['macs']:.3f}), {params / 1e6:.3f}M params "
+                       f"({params / st['base']['params']:.3f}); selection acc before recovery {before:.4f}")
+        if not info["reached"]:
+            self.stage.log(f"warning: step {k} could not reach its {by} target {info['target']} even at "
+                           f"compress.max_layer_pruning_ratio={cc.max_layer_pruning_ratio}")
+        st.update(recovering=True, epoch=0, step=0)
+        self.opt = self.sched = None
+        self.save_ckpt()
+
+    def recover(self, k: int) -> None:
+        """KD fine-tuning after a pruning step, one LR for the whole network: compress.recovery_lr, else twice the
+        distillation's backbone LR (pruned layers must re-learn, but a large LR distorts the pretrained features;
+        digits, 3 steps to 0.5 MACs: selection 0.952 after step 2 at lr 0.002 vs 0.967 at 0.0005)."""
+        cc, n_steps = self.cc, self.target()[2]
+        lr = cc.recovery_lr if cc.recovery_lr is not None else 2 * cc.lr * cc.backbone_lr_mult
+        self.new_optimizer(lr, cc.recovery_epochs, 0.0)
+        recovery = self.st["curve"][-1].setdefault("recovery", [])
+        for rec in self.train_epochs(cc.recovery_epochs, f"recover {k}/{n_steps}"):
             recovery.append(rec)
-            log(f"[compress] recovery {k}/{n_steps} epoch {rec['epoch'] + 1}/{cc.recovery_epochs}: train loss "
-                f"{rec['train_loss']:.4f} acc {rec['train_accuracy']:.4f}")
-            save_ckpt()
-        after = val_acc(model)
+            self.stage.log(f"recovery {k}/{n_steps} epoch {rec['epoch'] + 1}/{cc.recovery_epochs}: train loss "
+                           f"{rec['train_loss']:.4f} acc {rec['train_accuracy']:.4f}")
+            self.save_ckpt()
+
+    def judge(self, k: int) -> None:
+        """compress.max_accuracy_drop vs the student: a step that breaks it stops pruning. Every step's model is
+        saved either way, because export judges them against the teacher (run.max_accuracy_drop)."""
+        cc, st, stage = self.cc, self.st, self.stage
+        after = self.val_acc(self.model)
         drop = st["student_val"] - after
         ok = drop <= cc.max_accuracy_drop + 1e-9
         st["curve"][-1].update(val_accuracy_after_recovery=after, within_budget=ok)
+        if stage.is_main:
+            save_model_artifact(stage.dir / f"pruned_step{k}.pt", self.model, name=self.cfg.student.name,
+                                classes=self.data.classes, preprocessing=self.pre, pruning_history=st["history"],
+                                extra={"distilled_from": self.tmeta["name"], "pruning_step": k,
+                                       "macs_ratio": st["curve"][-1]["macs_ratio"], "val_accuracy": after})
         if ok:
-            st["good"] = {"step": k, "history": st["history"], "model": _snapshot(model)}
-            log(f"[compress] step {k}: val accuracy {after:.4f} after recovery (drop {drop:+.4f}, budget "
-                f"{cc.max_accuracy_drop:g})")
-        else:
-            good = st["curve"][st["good"]["step"]]
-            st["stopped"] = (f"pruning step {k} broke the accuracy budget: val accuracy {after:.4f} after recovery "
-                             f"is {drop:.4f} below the distilled student's {st['student_val']:.4f} (max_accuracy_drop "
-                             f"{cc.max_accuracy_drop:g}). Pruning stopped; keeping the model of step {good['step']} "
-                             f"({good['macs_ratio']:.3f} of the student's MACs, target {cc.target_macs_ratio:g}"
-                             + (f" of params {cc.target_params_ratio:g}" if by == "params" else "") + ")")
-            log("[compress] " + "!" * 78 + f"\n[compress] BUDGET: {st['stopped']}\n[compress] " + "!" * 78)
-        st.update(prune_step=k, recovering=False, epoch=0, step=0)
-        opt = sched = None
-        save_ckpt()
+            st["good"] = {"step": k, "history": st["history"], "model": _snapshot(self.model)}
+            stage.log(f"step {k}: selection accuracy {after:.4f} after recovery (drop {drop:+.4f}, budget "
+                      f"{cc.max_accuracy_drop:g})")
+            return
+        by = self.target()[0]
+        good = st["curve"][st["good"]["step"]]
+        st["stopped"] = (f"pruning step {k} broke the accuracy budget: selection accuracy {after:.4f} after recovery "
+                         f"is {drop:.4f} below the student's {st['student_val']:.4f} (max_accuracy_drop "
+                         f"{cc.max_accuracy_drop:g}). Pruning stopped; keeping the model of step {good['step']} "
+                         f"({good['macs_ratio']:.3f} of the student's MACs, target {cc.target_macs_ratio:g}"
+                         + (f" of params {cc.target_params_ratio:g}" if by == "params" else "") + ")")
+        stage.warn(f"BUDGET: {st['stopped']}")
 
-    # the last model within the budget
-    if st["good"] is not None and st["good"]["step"] != st["curve"][-1]["step"]:
-        model = rebuild(cfg.student.name, num_classes, st["good"]["history"], input_size,
-                        st["good"]["model"]).to(device)
-        history = st["good"]["history"]
-    else:
-        history = st["history"]
+    def kept_model(self) -> tuple[nn.Module, list]:
+        """The last model within the budget (rebuilt from its history and weights when a later step broke it)."""
+        st = self.st
+        if st["good"] is not None and st["good"]["step"] != st["curve"][-1]["step"]:
+            model = rebuild(self.cfg.student.name, self.num_classes, st["good"]["history"], self.input_size,
+                            st["good"]["model"]).to(self.device)
+            return model, st["good"]["history"]
+        return self.model, st["history"]
 
-    # ---- 3. artifacts, measurements, manifest (rank 0)
-    result = {"skipped": False, "stage_dir": str(stage_dir)}
-    if dist.is_main:
+    # ------------------------------------------------------------------ 3. artifacts (rank 0)
+    def write_outputs(self, model: nn.Module, history: list, inputs: dict) -> dict:
+        cc, st, stage = self.cc, self.st, self.stage
         good_step = st["good"]["step"] if st["good"] else 0
         final = st["curve"][good_step]
-        save_model_artifact(stage_dir / "pruned.pt", model, name=cfg.student.name, classes=data.classes,
-                            preprocessing=pre, pruning_history=history,
-                            extra={"distilled_from": tmeta["name"], "pruning_step": good_step,
+        save_model_artifact(stage.dir / "pruned.pt", model, name=self.cfg.student.name, classes=self.data.classes,
+                            preprocessing=self.pre, pruning_history=history,
+                            extra={"distilled_from": self.tmeta["name"], "pruning_step": good_step,
                                    "macs_ratio": final["macs_ratio"], "params_ratio": final["params_ratio"],
                                    "importance": cc.importance, "round_to": cc.round_to})
-        diff = check_reload(stage_dir / "pruned.pt", model, input_size, "pruned.pt")
-        log(f"[compress] pruned.pt reloads from name + pruning history ({len(history)} entries) with outputs "
-            f"within {diff:.1e}")
-        rows, full = {}, {}
-        loaders = {}
-        for role, path_or_model in (("teacher", teacher), ("student", stage_dir / "student.pt"),
-                                    ("pruned", stage_dir / "pruned.pt")):
-            m = path_or_model if role == "teacher" else load_model_artifact(path_or_model, device)[0]
-            p = teacher_pre if role == "teacher" else pre
-            key = "t" if role == "teacher" else "s"
-            if key not in loaders:
-                loaders[key] = (make_loader(data.val, p, cfg, train=False), make_loader(data.test, p, cfg, train=False))
-            val = engine.evaluate(m, loaders[key][0], device, num_classes, data.classes, amp)
-            test = engine.evaluate(m, loaders[key][1], device, num_classes, data.classes, amp)
-            rows[role] = {"name": tmeta["name"] if role == "teacher" else cfg.student.name,
-                          "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
-                          "params": engine.count_params(m), "macs": engine.count_macs(m, p["input_size"]),
-                          "input_size": p["input_size"], **_latency(m, p["input_size"], cc.latency_runs)}
-            full[role] = {"val": val, "test": test}
+        diff = check_reload(stage.dir / "pruned.pt", model, self.input_size, "pruned.pt")
+        stage.log(f"pruned.pt reloads from name + pruning history ({len(history)} entries) with outputs within {diff:.1e}")
+        rows, full = self.measure_rows()
+        by, ratio, n_steps = self.target()
         achieved = {"macs_ratio": rows["pruned"]["macs"] / rows["student"]["macs"],
                     "params_ratio": rows["pruned"]["params"] / rows["student"]["params"]}
         reached = achieved[f"{by}_ratio"] <= ratio + 1e-9
-        note = " (no test split: test figures are on val)" if data.test_is_val else ""
-        log(f"[compress] params / MACs before -> after pruning: {rows['student']['params'] / 1e6:.3f}M -> "
-            f"{rows['pruned']['params'] / 1e6:.3f}M params ({achieved['params_ratio']:.3f}), "
-            f"{rows['student']['macs'] / 1e6:.2f}M -> {rows['pruned']['macs'] / 1e6:.2f}M MACs "
-            f"({achieved['macs_ratio']:.3f}; target {by} ratio {ratio:g}{'' if reached else ' NOT reached'})")
-        log("[compress] PyTorch CPU fp32 latency (median ms)" + note + "\n" + _table(rows))
+        stage.log(f"params / MACs before -> after pruning: {rows['student']['params'] / 1e6:.3f}M -> "
+                  f"{rows['pruned']['params'] / 1e6:.3f}M params ({achieved['params_ratio']:.3f}), "
+                  f"{rows['student']['macs'] / 1e6:.2f}M -> {rows['pruned']['macs'] / 1e6:.2f}M MACs "
+                  f"({achieved['macs_ratio']:.3f}; target {by} ratio {ratio:g}{'' if reached else ' NOT reached'})\n"
+                  + _table(rows))
         if st["stopped"]:
-            log(f"[compress] BUDGET: {st['stopped']}")
+            stage.log(f"BUDGET: {st['stopped']}")
+        step_files = [f"pruned_step{c['step']}.pt" for c in st["curve"][1:]]
         metrics = {
             **rows,
             "achieved": {**achieved, "target_by": by, "target_ratio": ratio, "target_reached": reached},
@@ -665,32 +729,52 @@ def run(cfg, force: bool = False) -> dict:
                        "kept_step": good_step, "stopped": st["stopped"] is not None, "message": st["stopped"]},
             "pruning_curve": st["curve"], "distill_history": st["distill_history"],
             "kd": {"temperature": cc.temperature, "alpha": cc.alpha, "epochs": cc.epochs,
-                   "recovery_epochs": cc.recovery_epochs, "teacher_logits_cached": cached is not None,
-                   "separate_teacher_preprocessing": two_views},
+                   "recovery_epochs": cc.recovery_epochs, "teacher_logits_cached": self.cached is not None,
+                   "separate_teacher_preprocessing": self.two_views},
             "pruning": {"importance": cc.importance, "steps": n_steps, "round_to": cc.round_to,
                         "global_pruning": cc.global_pruning, "history_entries": len(history)},
-            "classes": data.classes, "splits": data.counts(), "test_is_val": data.test_is_val,
-            "preprocessing": {"teacher": teacher_pre, "student": pre}, "evaluation": full,
-            "device": str(device), "world_size": dist.world_size, "amp": str(amp) if amp else "off",
-            "latency": "PyTorch eager, CPU, fp32, median ms per forward pass at batch 1 / 32",
-            "train_seconds": st["train_seconds"],
+            "probe": st["probe"], "student_source": st["student_source"],
+            "steps": [{"step": 0, "file": "student.pt", "macs_ratio": 1.0, "val_accuracy": st["student_val"]}] + [
+                {"step": c["step"], "file": f"pruned_step{c['step']}.pt", "macs_ratio": c["macs_ratio"],
+                 "params_ratio": c["params_ratio"], "val_accuracy": c.get("val_accuracy_after_recovery"),
+                 "within_compress_budget": c.get("within_budget")} for c in st["curve"][1:]],
+            "classes": self.data.classes, "splits": self.data.counts(), "split_roles": self.data.describe(),
+            "test_is_val": self.data.test_is_val, "preprocessing": {"teacher": self.teacher_pre, "student": self.pre},
+            "evaluation": full, "device": str(self.device), "world_size": stage.dist.world_size,
+            "amp": str(self.amp) if self.amp else "off", "train_seconds": st["train_seconds"],
         }
-        artifacts.write_json(stage_dir / "metrics.json", metrics)
-        artifacts.write_json(stage_dir / "config.json", cfg.to_dict())
+        artifacts.write_json(stage.dir / "metrics.json", metrics)
         _plot(st["curve"], st["student_val"], cc.max_accuracy_drop, rows["teacher"]["val_accuracy"],
-              stage_dir / "pruning_curve.png")
-        artifacts.write_manifest(stage_dir, STAGE, chash, inputs,
-                                 ["student.pt", "pruned.pt", "metrics.json", "config.json", "pruning_curve.png"],
-                                 {"total_seconds": time.perf_counter() - t_start, "train_seconds": st["train_seconds"]},
-                                 extra={"budget_stopped": st["stopped"] is not None})
-        ckpt_path.unlink(missing_ok=True)
-        log(f"[compress] wrote {stage_dir}/student.pt, pruned.pt, metrics.json, pruning_curve.png")
-        result.update(student_val_accuracy=rows["student"]["val_accuracy"],
-                      pruned_val_accuracy=rows["pruned"]["val_accuracy"],
-                      pruned_test_accuracy=rows["pruned"]["test_accuracy"], macs_ratio=achieved["macs_ratio"],
-                      params_ratio=achieved["params_ratio"], budget_stopped=st["stopped"] is not None)
-    engine.barrier()
-    return result
+              stage.dir / "pruning_curve.png")
+        extra_files = step_files + (["probe_student.pt"] if (stage.dir / "probe_student.pt").exists() else [])
+        stage.finish(["student.pt", "pruned.pt", "metrics.json", "pruning_curve.png", *extra_files],
+                     {"train_seconds": st["train_seconds"]}, {"budget_stopped": st["stopped"] is not None},
+                     config_hash=self.chash, inputs=inputs)
+        (stage.dir / "checkpoint.pt").unlink(missing_ok=True)
+        stage.log(f"wrote {stage.dir}/student.pt, pruned.pt, {', '.join(extra_files)}, metrics.json, pruning_curve.png")
+        return {"student_val_accuracy": rows["student"]["val_accuracy"],
+                "pruned_val_accuracy": rows["pruned"]["val_accuracy"],
+                "pruned_test_accuracy": rows["pruned"]["test_accuracy"], "macs_ratio": achieved["macs_ratio"],
+                "params_ratio": achieved["params_ratio"], "budget_stopped": st["stopped"] is not None}
+
+    def measure_rows(self) -> tuple[dict, dict]:
+        """teacher / student / pruned: accuracy on both splits, params, MACs (latency is measured once, by export)."""
+        rows, full, loaders, cfg, data = {}, {}, {}, self.cfg, self.data
+        for role, source in (("teacher", self.teacher), ("student", self.stage.dir / "student.pt"),
+                             ("pruned", self.stage.dir / "pruned.pt")):
+            m = source if role == "teacher" else load_model_artifact(source, self.device)[0]
+            p = self.teacher_pre if role == "teacher" else self.pre
+            key = "t" if role == "teacher" else "s"
+            if key not in loaders:
+                loaders[key] = (make_loader(data.val, p, cfg, train=False), make_loader(data.test, p, cfg, train=False))
+            val = engine.evaluate(m, loaders[key][0], self.device, self.num_classes, data.classes, self.amp)
+            test = engine.evaluate(m, loaders[key][1], self.device, self.num_classes, data.classes, self.amp)
+            rows[role] = {"name": self.tmeta["name"] if role == "teacher" else cfg.student.name,
+                          "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
+                          "params": engine.count_params(m), "macs": engine.count_macs(m, p["input_size"]),
+                          "input_size": p["input_size"]}
+            full[role] = {"val": val, "test": test}
+        return rows, full
 
 
 def taylor_grads(model: nn.Module, task: DistillationTask, train_loader, cc, device) -> list:
@@ -711,4 +795,5 @@ def taylor_grads(model: nn.Module, task: DistillationTask, train_loader, cc, dev
         loss.backward()
     grads = [None if p.grad is None else p.grad.detach().clone() for p in m.parameters()]
     m.zero_grad(set_to_none=True)
-    return grads
+    # cuDNN is not deterministic: average over ranks so every rank ranks the channels from the same numbers
+    return engine.all_reduce_mean(grads)

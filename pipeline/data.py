@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline import artifacts
-from pipeline.preprocess import BadImageError, make_preprocessing, open_image
+from pipeline.preprocess import DECODER_VERSION, BadImageError, make_preprocessing, open_image
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -41,9 +41,17 @@ class DataInfo:
     test_is_val: bool
     fingerprint: str
     skipped: list[str] = field(default_factory=list)
+    # What each split is, for reports: val is the selection split (every decision), test the report
+    # split (every reported figure); they never share an image.
+    split_names: dict = field(default_factory=dict)
 
     def counts(self) -> dict:
         return {s: len(getattr(self, s)) for s in ("train", "val", "test")}
+
+    def describe(self) -> dict:
+        """{"selection": {"split", "images"}, "report": {...}} for metrics.json and report.md."""
+        return {"selection": {"split": self.split_names.get("val", "val"), "images": len(self.val)},
+                "report": {"split": self.split_names.get("test", "test"), "images": len(self.test)}}
 
 
 # ----------------------------------------------------------------------------- embedded default data
@@ -121,7 +129,7 @@ def check_images(paths: list[str], policy: str, cache_file: Path | None, fingerp
             cached = artifacts.read_json(cache_file)
         except (OSError, ValueError):
             cached = None
-    if cached and cached.get("fingerprint") == fingerprint:
+    if cached and cached.get("fingerprint") == fingerprint and cached.get("decoder") == DECODER_VERSION:
         bad = cached["bad"]
     else:
         bad = []
@@ -131,7 +139,7 @@ def check_images(paths: list[str], policy: str, cache_file: Path | None, fingerp
             except BadImageError as e:
                 bad.append(f"{p}: {e}")
         if cache_file is not None:
-            artifacts.write_json(cache_file, {"fingerprint": fingerprint, "bad": bad})
+            artifacts.write_json(cache_file, {"fingerprint": fingerprint, "decoder": DECODER_VERSION, "bad": bad})
     if bad and policy == "fail":
         listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise DataError(f"{len(bad)} unreadable or truncated image(s):\n  {listing}\n"
@@ -196,11 +204,17 @@ def prepare_data(cfg, write: bool = True) -> DataInfo:
         for s in ("train", "val"):
             if not splits[s]:
                 raise DataError(f"{root / s} has no usable images")
-        test_is_val = "test" not in splits or not splits["test"]
-        if test_is_val:
-            splits["test"] = list(splits["val"])
         kept_train = {c: [p for p in train_files[c] if p not in bad] for c in classes}
         _check_classes(root / "train", classes, kept_train)
+        names = {"train": "train/", "val": "val/", "test": "test/"}
+        if not splits.get("test"):
+            # No test/: val/ becomes the report split, untouched by any decision, and the decisions
+            # (best epoch, budgets, int8 recipe) use a stratified selection split carved from train/.
+            splits["train"], selection = _carve_selection(kept_train, classes, cfg.data, cfg.data.split_seed)
+            splits["test"], splits["val"] = splits["val"], selection
+            names = {"train": "train/ minus selection", "val": f"selection ({cfg.data.selection_fraction:g} of train/)",
+                     "test": "val/"}
+        test_is_val = False
     else:
         kept = {c: [p for p in files[c] if p not in bad] for c in classes}
         _check_classes(root, classes, kept)
@@ -222,8 +236,37 @@ def prepare_data(cfg, write: bool = True) -> DataInfo:
                 rel = {s: [[os.path.relpath(p, root), i] for p, i in v] for s, v in splits.items()}
                 artifacts.write_json(splits_file, {"key": key, "classes": classes, **rel})
         test_is_val = False
+        names = {"train": "train", "val": "val (saved split)", "test": "test (saved split)"}
     return DataInfo(root=root, classes=classes, train=splits["train"], val=splits["val"], test=splits["test"],
-                    test_is_val=test_is_val, fingerprint=fingerprint, skipped=sorted(bad))
+                    test_is_val=test_is_val, fingerprint=fingerprint, skipped=sorted(bad), split_names=names)
+
+
+def _carve_selection(files: dict[str, list[str]], classes, cfg_data, seed) -> tuple[list, list]:
+    """train/ -> (train, selection): a stratified cfg_data.selection_fraction of each class (at least one)."""
+    rng = random.Random(seed * 31 + 7)
+    train, selection = [], []
+    for label, c in enumerate(classes):
+        items = sorted(files[c])
+        rng.shuffle(items)
+        n_sel = max(1, round(len(items) * cfg_data.selection_fraction)) if cfg_data.selection_fraction > 0 else 0
+        if len(items) - n_sel < 1:
+            raise DataError(f"class {c!r} has {len(items)} training image(s): too few to set "
+                            f"{cfg_data.selection_fraction:g} aside for model selection. Fix: add images, add a "
+                            f"test/ folder (then val/ is the selection split), or lower data.selection_fraction")
+        selection += [(p, label) for p in items[:n_sel]]
+        train += [(p, label) for p in items[n_sel:]]
+    if not selection:
+        raise DataError("data.selection_fraction=0 leaves no selection split: decisions would be taken on the "
+                        "images that are reported. Fix: set data.selection_fraction > 0 or add a test/ folder")
+    return train, selection
+
+
+def prepare_data_all_ranks(cfg, is_main: bool) -> DataInfo:
+    """prepare_data under DDP: rank 0 checks the data and writes splits.json, then the others read the same splits."""
+    from pipeline import engine
+
+    # The other ranks get rank 0's result instead of decoding every image again.
+    return engine.broadcast_object(prepare_data(cfg) if is_main else None)
 
 
 # ----------------------------------------------------------------------------- preprocessing + transforms
@@ -378,6 +421,6 @@ def class_counts(samples, num_classes) -> list[int]:
 
 def summary(info: DataInfo) -> str:
     c = info.counts()
-    note = " (no test/ folder: test figures are taken on val)" if info.test_is_val else ""
-    return (f"{len(info.classes)} classes, train {c['train']} / val {c['val']} / test {c['test']} images"
-            f"{note} from {info.root}")
+    d = info.describe()
+    return (f"{len(info.classes)} classes, train {c['train']} images, selection split {d['selection']['split']} "
+            f"{c['val']}, report split {d['report']['split']} {c['test']} from {info.root}")

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import __version__, artifacts, runtime
+from pipeline import __version__, artifacts, budget, mobile, runtime
 from pipeline.modelcard import INPUT_NAME, OUTPUT_NAME, set_onnx_metadata
 from pipeline.preprocess import preprocess
+from pipeline.stage import Stage
 
 STAGE = "export"
-ROWS = ("teacher", "student", "pruned", "onnx_fp32", "onnx_int8")
 COLUMNS = ("accuracy", "params", "macs", "size_bytes", "latency_ms_b1", "latency_ms_b32")
 
 
@@ -244,105 +244,266 @@ def compare_latency(paths: dict, input_size, threads: int, runs: int, rounds: in
     return best
 
 
+# ----------------------------------------------------------------------------- candidates and the end-to-end budget
+
+ROWS = ("teacher", "student", "pruned", "onnx_fp32", "onnx_int8", "probe_teacher", "probe_student")
+
+
+def candidate_list(compress_metrics: dict) -> list[dict]:
+    """The students compress kept, smallest first: every pruning step, the unpruned student, its probe."""
+    steps = sorted(compress_metrics.get("steps") or [{"step": 0, "file": "student.pt"}], key=lambda c: -c["step"])
+    out = [{"name": "student" if c["step"] == 0 else f"pruning step {c['step']}", "file": c["file"],
+            "step": c["step"]} for c in steps]
+    if compress_metrics.get("probe") and compress_metrics.get("student_source") != "probe":
+        out.append({"name": "student probe (pretrained backbone + logistic-regression head)",
+                    "file": "probe_student.pt", "step": 0})
+    return out
+
+
+class Candidates:
+    """Exports, quantizes and scores the students compress kept, on the selection split, until one fits.
+
+    Order: int8 of every candidate (most pruned first), then fp32 of every candidate: int8 is ~2x faster
+    than fp32 on a CPU, more than one pruning step gains. A candidate ships when its int8 stays within
+    export.max_int8_drop of its own fp32 (per-stage cap), within run.max_accuracy_drop of the teacher and
+    not below the student's own probe (both paired, pipeline.budget)."""
+
+    def __init__(self, cfg, compress_dir: Path, work_dir: Path, sel, teacher_correct, probe_correct, calib):
+        self.cfg, self.ce, self.dir, self.work = cfg, cfg.export, compress_dir, Path(work_dir)
+        (self.x, self.y), self.teacher_correct, self.probe_correct = sel, teacher_correct, probe_correct
+        self.calib = calib
+        self.fp32: dict = {}
+        self.attempts: list[dict] = []
+
+    def export_fp32(self, cand: dict) -> dict:
+        """torch -> ONNX fp32 of one candidate, checked (onnx.checker, parity on the selection images)."""
+        if cand["file"] in self.fp32:
+            return self.fp32[cand["file"]]
+        import onnx
+        import torch
+
+        from models import load_model_artifact
+
+        model, meta = load_model_artifact(self.dir / cand["file"])
+        path = self.work / f"{Path(cand['file']).stem}.fp32.onnx"
+        exporter = export_onnx(model, meta["preprocessing"]["input_size"], path, self.ce.opset, self.ce.exporter)
+        onnx.checker.check_model(str(path), full_check=True)
+        with torch.no_grad():
+            torch_logits = torch.cat([model(torch.from_numpy(self.x[i:i + 64])) for i in range(0, len(self.x), 64)]).numpy()
+        logits = run_onnx(runtime.make_session(path, "cpu", self.ce.latency_threads), self.x)
+        parity = check_parity(torch_logits, logits, self.ce.parity_atol, self.ce.min_top1_agreement)
+        self.fp32[cand["file"]] = {"path": path, "logits": logits, "parity": parity, "exporter": exporter,
+                                   "meta": meta}
+        return self.fp32[cand["file"]]
+
+    def judge(self, cand: dict, precision: str, logits: np.ndarray, extra: dict) -> dict:
+        correct = logits.argmax(1) == self.y
+        vs_teacher = budget.paired_drop(self.teacher_correct, correct, self.cfg.run.max_accuracy_drop)
+        vs_probe = (budget.paired_drop(self.probe_correct, correct, 0.0) if self.probe_correct is not None
+                    else {"ok": True, "reason": "no probe"})
+        attempt = {"candidate": cand["name"], "file": cand["file"], "precision": precision,
+                   "selection_accuracy": float(correct.mean()), "vs_teacher": vs_teacher, "vs_probe": vs_probe,
+                   **extra}
+        attempt["ok"] = bool(vs_teacher["ok"] and vs_probe["ok"] and extra.get("int8_ok", True))
+        self.attempts.append(attempt)
+        log(f"candidate {cand['name']} {precision}: selection accuracy {attempt['selection_accuracy']:.4f}, "
+            f"vs teacher {vs_teacher['drop']:+.4f} ({vs_teacher['reason']}), vs probe "
+            f"{'ok' if vs_probe['ok'] else vs_probe['reason']} -> {'SHIP' if attempt['ok'] else 'no'}")
+        return attempt
+
+    def try_int8(self, cand: dict) -> dict | None:
+        fp = self.export_fp32(cand)
+        int8_path = self.work / f"{Path(cand['file']).stem}.int8.onnx"
+        recipe, logits, recipes = quantize_with_budget(self.ce, fp["path"], int8_path, self.work, self.calib,
+                                                       self.x, self.y, fp["logits"])
+        if recipe is None:
+            self.attempts.append({"candidate": cand["name"], "file": cand["file"], "precision": "int8", "ok": False,
+                                  "recipes": recipes, "reason": "no int8 recipe within export.max_int8_drop"})
+            return None
+        attempt = self.judge(cand, "int8", logits, {"recipe": recipe, "recipes": recipes, "path": int8_path})
+        return attempt if attempt["ok"] else None
+
+    def try_fp32(self, cand: dict) -> dict | None:
+        fp = self.export_fp32(cand)
+        attempt = self.judge(cand, "fp32", fp["logits"], {"path": fp["path"]})
+        return attempt if attempt["ok"] else None
+
+    def choose(self, candidates: list[dict], int8: bool) -> tuple[dict, dict | None]:
+        """-> (the candidate that ships, its int8 attempt or None when fp32 ships)."""
+        if int8:
+            for cand in candidates:
+                if (attempt := self.try_int8(cand)) is not None:
+                    return cand, attempt
+        for cand in candidates:
+            if self.try_fp32(cand) is not None:
+                return cand, None
+        # Nothing fits: ship the most accurate candidate on the selection split, loudly.
+        best = max((a for a in self.attempts if "selection_accuracy" in a), key=lambda a: a["selection_accuracy"])
+        cand = next(c for c in candidates if c["file"] == best["file"])
+        return cand, (best if best["precision"] == "int8" else None)
+
+
+def quantize_with_budget(ce, fp32_path: Path, int8_path: Path, work_dir: Path, calib: np.ndarray, x_sel, y_sel,
+                         fp32_logits) -> tuple:
+    """Try the int8 recipes in order on the selection split; the first within export.max_int8_drop of the fp32
+    ONNX is written to int8_path. -> (recipe name or None, its selection logits or None, attempts)"""
+    import onnx
+    from onnxruntime.quantization import quant_pre_process
+
+    prep = Path(work_dir) / f"{fp32_path.stem}.prep.onnx"
+    quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
+    fp32_acc = accuracy(fp32_logits, y_sel)
+    attempts, first_try = [], None
+    for recipe in int8_recipes(ce):
+        candidate = Path(work_dir) / f"{fp32_path.stem}.int8_{len(attempts)}.onnx"
+        attempt = {"name": recipe["name"]}
+        try:
+            if recipe.get("exclude") == "sensitive":
+                if first_try is None:
+                    raise RuntimeError("no int8 model to compare activations with")
+                recipe = {**recipe, "exclude": sensitive_nodes(prep, first_try, calib[:8], ce.sensitive_nodes)}
+                ops = {n.name: n.op_type for n in onnx.load(str(prep)).graph.node}
+                attempt.update(excluded_nodes=recipe["exclude"], excluded_ops=[ops.get(n, "?") for n in recipe["exclude"]])
+            quantize(prep, candidate, calib, recipe)
+            logits = run_onnx(runtime.make_session(candidate, "cpu", ce.latency_threads), x_sel)
+        except Exception as e:  # noqa: BLE001 - a failed recipe is recorded, the next is tried
+            attempt.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+            attempts.append(attempt)
+            log(f"int8 recipe '{attempt['name']}' failed: {attempt['error']}")
+            continue
+        first_try = first_try or candidate
+        acc = accuracy(logits, y_sel)
+        attempt.update(accuracy=acc, drop=fp32_acc - acc, ok=fp32_acc - acc <= ce.max_int8_drop,
+                       agreement_with_fp32=float((logits.argmax(1) == fp32_logits.argmax(1)).mean()))
+        attempts.append(attempt)
+        log(f"int8 recipe '{attempt['name']}' of {fp32_path.stem}: selection accuracy {acc:.4f} (drop vs its fp32 "
+            f"{attempt['drop']:+.4f}, cap {ce.max_int8_drop}) {'OK' if attempt['ok'] else 'over the cap'}")
+        if attempt["ok"]:
+            os.replace(candidate, int8_path)
+            return attempt["name"], logits, attempts
+    return None, None, attempts
+
+
 # ----------------------------------------------------------------------------- the report
 
-def _torch_row(path: Path, data, cfg, runs: int) -> dict:
+def torch_row(path: Path, x: np.ndarray, y: np.ndarray, runs: int) -> tuple[dict, np.ndarray]:
+    """Accuracy (report split), params, MACs, size and PyTorch eager CPU latency of a model artifact."""
     import torch
 
     from models import load_model_artifact
     from pipeline import engine
-    from pipeline.data import make_loader
 
     model, meta = load_model_artifact(path)
-    pre = meta["preprocessing"]
-    loader = make_loader(data.test, pre, cfg, train=False)
     with torch.no_grad():
-        acc = engine.evaluate(model, loader, torch.device("cpu"), meta["num_classes"], meta["classes"])["accuracy"]
-    size = pre["input_size"]
-    return {"accuracy": acc, "params": engine.count_params(model), "macs": engine.count_macs(model, size),
-            "size_bytes": path.stat().st_size,
-            "latency_ms_b1": round(engine.measure_latency_ms(model, size, 1, runs=runs), 3),
-            "latency_ms_b32": round(engine.measure_latency_ms(model, size, 32, runs=max(3, runs // 3)), 3),
-            "file": str(path), "name": meta["name"], "input_size": size}
+        logits = torch.cat([model(torch.from_numpy(x[i:i + 64])) for i in range(0, len(x), 64)]).numpy()
+    size = meta["preprocessing"]["input_size"]
+    row = {"accuracy": accuracy(logits, y), "params": engine.count_params(model), "macs": engine.count_macs(model, size),
+           "size_bytes": path.stat().st_size,
+           "latency_ms_b1": round(engine.measure_latency_ms(model, size, 1, runs=runs), 3),
+           "latency_ms_b32": round(engine.measure_latency_ms(model, size, 32, runs=max(3, runs // 3)), 3),
+           "file": path.name, "name": meta["name"], "input_size": size}
+    return row, logits
+
+
+def add_intervals(rows: dict, correct: dict, teacher_correct: np.ndarray, max_drop: float) -> None:
+    """accuracy_ci95 for every row and drop_vs_teacher (paired, same images) for every row with predictions."""
+    for name, c in correct.items():
+        rows[name]["accuracy_ci95"] = budget.accuracy_ci(c)
+        paired = budget.paired_drop(teacher_correct, c, max_drop)
+        rows[name]["drop_vs_teacher"] = paired["drop"]
+        rows[name]["drop_vs_teacher_ci95"] = paired["ci95"]
 
 
 def _fmt_row(name: str, r: dict | None) -> str:
     if not r or r.get("accuracy") is None:
-        return f"| {name} | — (not shipped) | | | | | |"
-    return (f"| {name} | {r['accuracy']:.4f} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e6:.1f}M | "
-            f"{r['size_bytes'] / 1e6:.2f} MB | {r['latency_ms_b1']:.2f} | {r['latency_ms_b32']:.2f} |")
+        return f"| {name} | — (not shipped) | | | | | | | |"
+    ci = r.get("accuracy_ci95")
+    drop = r.get("drop_vs_teacher")
+    size = f"{r['size_bytes'] / 1e6:.2f} MB" if r.get("size_bytes") else "—"
+    lat = (lambda k: f"{r[k]:.2f}" if r.get(k) is not None else "—")
+    return (f"| {name} | {r['accuracy']:.4f} | {f'{ci[0]:.3f}–{ci[1]:.3f}' if ci else ''} | "
+            f"{'' if drop is None else f'{drop:+.4f}'} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e6:.1f}M | {size} | "
+            f"{lat('latency_ms_b1')} | {lat('latency_ms_b32')} |")
 
 
 def report_table(report: dict) -> str:
-    """The markdown table of report.json's rows (also used by benchmarks/export_bench.py)."""
-    lines = ["| model | accuracy | params | MACs | size | latency b1 (ms) | latency b32 (ms) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """The markdown table of report.json's rows (also used by the benchmarks)."""
+    lines = ["| model | accuracy | 95% interval | drop_vs_teacher | params | MACs | size | latency b1 (ms) | latency b32 (ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     return "\n".join(lines + [_fmt_row(name, report["models"].get(name)) for name in ROWS])
 
 
+def report_lines(run_dir: Path, report: dict) -> list[str]:
+    th, sp, v = report["threads"], report["splits"], report["verdict"]
+    lines = [f"# Report: {run_dir}", "",
+             f"**Verdict: {v['message']}**", "",
+             f"Accuracy: top-1 on the report split **{sp['report']['split']}** ({sp['report']['images']} images; one "
+             f"image is {100 / max(1, sp['report']['images']):.2f} points), which no decision touched; every decision "
+             f"(best epoch, budgets, int8 recipe, which student ships) used the selection split {sp['selection']['split']} "
+             f"({sp['selection']['images']} images). 95% intervals: bootstrap over images. drop_vs_teacher: paired, "
+             f"same images. Latency: median ms per call, best of {report['latency_rounds']} interleaved rounds on this "
+             f"CPU ({report['machine']['cpu']}, {report['machine']['cpu_count']} cores): PyTorch eager fp32 "
+             f"({th['torch']} threads) for the .pt rows, ONNX Runtime CPU EP ({th['onnxruntime']} threads) for the ONNX "
+             "rows; probe rows are the frozen-feature logistic regressions (accuracy only). All measured in this run.", "",
+             report_table(report), ""]
+    lines.append(f"- shipped: **{report['shipped']['candidate']}** as **{report['shipped']['precision']}** "
+                 f"(source {report['shipped']['file']}); teacher ONNX fp32 latency {report['teacher_onnx']['latency_ms_b1']:.2f} ms "
+                 f"at batch 1 -> shipped model {report['speedup_vs_teacher_onnx']['b1']:.2f}x faster "
+                 f"({report['speedup_vs_teacher_onnx']['b32']:.2f}x at batch 32); file "
+                 f"{report['size_ratio_vs_teacher']:.3f} of the teacher's")
+    lines.append("- candidates tried (selection split): " + "; ".join(
+        f"{a['candidate']} {a['precision']} " + (f"{a['selection_accuracy']:.4f}" if "selection_accuracy" in a else
+                                                  a.get("reason", "")) + (" ✓" if a.get("ok") else " ✗")
+        for a in report["candidates"]))
+    lines.append(f"- parity ONNX fp32 vs PyTorch ({report['exporter']} exporter, opset {report['opset']}): max |logit diff| "
+                 f"{report['parity']['max_abs_diff']:.2e}, top-1 agreement {report['parity']['top1_agreement']:.4f}")
+    if report.get("int8_speedup"):
+        lines.append(f"- int8 speed-up vs fp32 (ORT CPU EP): {report['int8_speedup']['b1']:.2f}x at batch 1, "
+                     f"{report['int8_speedup']['b32']:.2f}x at batch 32")
+    if report.get("mobile"):
+        mb = report["mobile"]
+        lines.append(f"- {mb['file']} (ORT format, from {mb['from']}): report accuracy {mb['accuracy']:.4f}, selection "
+                     f"accuracy {mb['selection_accuracy']:.4f}, top-1 agreement {mb['top1_agreement']:.4f}")
+    if report.get("phones"):
+        lines += ["", "Phone files (fixed batch 1; ONNX Runtime's mobile usability checker):", "",
+                  *mobile.report_lines(report["phones"]), ""]
+    lines.append("- stage wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in report["stage_seconds"].items()))
+    lines.append(f"- recommended: cpu = **{report['recommended']['cpu']}**, cuda = {report['recommended']['cuda']}")
+    lines += [f"- **WARNING**: {w}" for w in report["warnings"]]
+    return lines + ["", "![accuracy vs latency vs size](report.png)", ""]
+
+
 def write_report(run_dir: Path, report: dict) -> list[Path]:
+    artifacts.write_text(run_dir / "report.md", "\n".join(report_lines(run_dir, report)))
+    artifacts.write_json(run_dir / "report.json", report)
+    _plot(run_dir, report)
+    return [run_dir / "report.json", run_dir / "report.md", run_dir / "report.png"]
+
+
+def _plot(run_dir: Path, report: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["models"]
-    split = "val split (the data has no test split)" if report["test_is_val"] else "test split"
-    th = report["threads"]
-    lines = [f"# Report: {run_dir}", "",
-             f"Accuracy: top-1 on the {split}, {report['test_images']} images. Latency: median ms per call, best of "
-             f"{report['latency_rounds']} interleaved rounds, on this CPU ({report['machine']['cpu']}, "
-             f"{report['machine']['cpu_count']} cores): PyTorch eager fp32 ({th['torch']} threads) for the .pt rows, "
-             f"ONNX Runtime CPU EP ({th['onnxruntime']} threads) for the ONNX rows. Params/MACs of the ONNX rows are "
-             "the pruned model's. All figures measured in this run.", "",
-             report_table(report), ""]
-    i8 = report["int8"]
-    attempts = "; ".join(f"{a['name']}: " + (f"drop {a['drop']:+.4f}" if "drop" in a else "failed")
-                         + ("" if a.get("ok") else " ✗") for a in i8["attempts"]) or "none"
-    lines += [(f"- int8 ({i8['quantization']}): shipped recipe **{i8['shipped'] or 'none: fp32 shipped'}** "
-               f"(budget: drop <= {i8['max_int8_drop']} vs fp32 ONNX); attempts: {attempts}")
-              if i8["quantization"] in ("static", "dynamic") else
-              f"- int8: not requested (export.quantization={i8['quantization']})",
-              f"- parity ONNX fp32 vs PyTorch ({report['exporter']} exporter, opset {report['opset']}): max |logit diff| "
-              f"{report['parity']['max_abs_diff']:.2e}, top-1 agreement {report['parity']['top1_agreement']:.4f}"]
-    if report.get("int8_speedup"):
-        sp = report["int8_speedup"]
-        lines.append(f"- int8 speed-up vs fp32 (ORT CPU EP): {sp['b1']:.2f}x at batch 1, {sp['b32']:.2f}x at batch 32")
-    if report.get("mobile"):
-        mb = report["mobile"]
-        lines.append(f"- {mb['file']} (ORT format, from {mb['from']}): test accuracy {mb['accuracy']:.4f}, top-1 "
-                     f"agreement {mb['top1_agreement']:.4f}, max |logit diff| {mb['max_abs_diff']:.2e}")
-    if report.get("fp16"):
-        f16 = report["fp16"]
-        lines.append(f"- {f16['file']}: " + (f"test accuracy {f16['accuracy']:.4f}, max |logit diff| vs fp32 "
-                                             f"{f16['max_abs_diff_vs_fp32']:.2e} (ONNX Runtime CPU EP)"
-                                             if "accuracy" in f16 else f"not runnable on the CPU EP: {f16['error']}"))
-    lines.append(f"- recommended: cpu = **{report['recommended']['cpu']}**, cuda = {report['recommended']['cuda']}")
-    for w in report["warnings"]:
-        lines.append(f"- **WARNING**: {w}")
-    lines += ["", "![accuracy vs latency vs size](report.png)", ""]
-    artifacts.write_text(run_dir / "report.md", "\n".join(lines))
-    artifacts.write_json(run_dir / "report.json", report)
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    shown = {n: r for n, r in rows.items() if r and r.get("accuracy") is not None}
+    shown = {n: r for n, r in report["models"].items() if r and r.get("accuracy") is not None
+             and r.get("latency_ms_b1") is not None}
     biggest = max(r["size_bytes"] for r in shown.values())
-    for i, name in enumerate(ROWS):
-        if name not in shown:
-            continue
-        r = shown[name]
+    for i, (name, r) in enumerate(shown.items()):
         ax.scatter(r["latency_ms_b1"], r["accuracy"], s=40 + 600 * r["size_bytes"] / biggest, alpha=0.55,
                    marker="s" if name.startswith("onnx") else "o", label=name)
         ax.annotate(f"{name} ({r['size_bytes'] / 1e6:.1f} MB)", (r["latency_ms_b1"], r["accuracy"]), fontsize=8,
                     textcoords="offset points", xytext=(0, 12 if i % 2 == 0 else -18), ha="center")
+    teacher = report["models"]["teacher"]["accuracy"]
+    ax.axhline(teacher - report["verdict"]["max_accuracy_drop"], ls="--", color="gray", label="teacher - budget")
     ax.margins(x=0.15, y=0.2)
     ax.set_xscale("log")
-    ax.set(xlabel="latency at batch 1, ms (CPU, log scale)", ylabel=f"top-1 accuracy ({split})",
+    ax.set(xlabel="latency at batch 1, ms (CPU, log scale)", ylabel="top-1 accuracy (report split)",
            title="accuracy vs latency (marker area ~ file size)")
     ax.grid(alpha=0.3, which="both")
     artifacts.save_figure(fig, run_dir / "report.png")
     plt.close(fig)
-    return [run_dir / "report.json", run_dir / "report.md", run_dir / "report.png"]
 
 
 def _machine() -> dict:
@@ -359,248 +520,327 @@ def _machine() -> dict:
 
 # ----------------------------------------------------------------------------- the stage
 
-SOURCES = {"pruned.pt": ("compress", "make compress"), "student.pt": ("compress", "make compress"),
-           "teacher.pt": ("finetune", "make finetune")}
-OPTIONAL_OUTPUTS = ("model.int8.onnx", "model.int8.ort", "model.fp32.ort", "model.fp16.onnx")
+SIDECAR_ONLY = ("sha256", "mobile", "recommended")   # model.json keys that the ONNX files' own card lacks
 
 
 def config_hash(cfg) -> str:
-    """The sections export reads (data: splits, batch size; export) plus the seed (calibration sample)."""
-    return artifacts.sha256_json({"sections": cfg.section_hash("data", "export"), "seed": cfg.run.seed})
+    """The sections export reads (data: splits; export; the end-to-end budget) plus the seed (calibration)."""
+    return artifacts.sha256_json({"sections": cfg.section_hash("data", "export"), "seed": cfg.run.seed,
+                                  "max_accuracy_drop": cfg.run.max_accuracy_drop})
 
 
-def source_paths(cfg) -> dict:
-    paths = {name: cfg.run_dir / sub / name for name, (sub, _) in SOURCES.items()}
-    for name, path in paths.items():
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run `{SOURCES[name][1]}` first (same CONFIG/ARGS, "
-                                    f"run.dir={cfg.run.dir})")
-    return paths
+def upstream(stage: Stage) -> tuple[dict, dict]:
+    """The teacher and every student compress kept, each checked against its stage's manifest.
+    -> (input sha256 by file name, compress metrics)"""
+    shas = stage.require("finetune", ["teacher.pt"])
+    recorded = artifacts.read_json(stage.cfg.run_dir / "compress" / artifacts.MANIFEST).get("outputs", {}) \
+        if (stage.cfg.run_dir / "compress" / artifacts.MANIFEST).exists() else {}
+    students = sorted(n for n in recorded if n.endswith(".pt")) or ["student.pt", "pruned.pt"]
+    shas.update(stage.require("compress", students + ["metrics.json"]))
+    return shas, artifacts.read_json(stage.cfg.run_dir / "compress" / "metrics.json")
 
 
-def stage_inputs(sources: dict, data_fingerprint: str) -> dict:
-    return {"data": data_fingerprint, **{k: artifacts.sha256_file(p) for k, p in sources.items()}}
-
-
-def _quantize_with_budget(ce, seed, fp32_path, int8_path, work_dir, train, pre, x_test, y_test, fp32_logits,
-                          fp32_acc, warnings_) -> tuple:
-    """Try the int8 recipes in order; the first within export.max_int8_drop ships as int8_path.
-    -> (shipped recipe name or None, its test logits or None, attempts)"""
-    import onnx
-    from onnxruntime.quantization import quant_pre_process
-
-    calib_samples = stratified_sample(train, ce.calibration_images, seed)
-    x_calib, y_calib = load_images(calib_samples, pre)
-    log(f"int8: calibrating on {len(x_calib)} training images ({len(set(y_calib.tolist()))} classes, stratified)")
-    prep = Path(work_dir) / "prep.onnx"
-    quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
-    attempts, first_try = [], None
-    for recipe in int8_recipes(ce):
-        candidate = Path(work_dir) / f"int8_{len(attempts)}.onnx"
-        attempt = {"name": recipe["name"]}
-        try:
-            if recipe.get("exclude") == "sensitive":
-                if first_try is None:
-                    raise RuntimeError("no int8 model to compare activations with")
-                recipe = {**recipe, "exclude": sensitive_nodes(prep, first_try, x_calib[:8], ce.sensitive_nodes)}
-                ops = {n.name: n.op_type for n in onnx.load(str(prep)).graph.node}
-                attempt["excluded_nodes"] = recipe["exclude"]
-                attempt["excluded_ops"] = [ops.get(n, "?") for n in recipe["exclude"]]
-            quantize(prep, candidate, x_calib, recipe)
-            logits = run_onnx(runtime.make_session(candidate, "cpu", ce.latency_threads), x_test)
-        except Exception as e:  # noqa: BLE001 - a failed recipe is recorded, the next is tried
-            attempt.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-            attempts.append(attempt)
-            log(f"int8 recipe '{attempt['name']}' failed: {attempt['error']}")
-            continue
-        first_try = first_try or candidate
-        acc = accuracy(logits, y_test)
-        attempt.update(accuracy=acc, drop=fp32_acc - acc, ok=fp32_acc - acc <= ce.max_int8_drop,
-                       agreement_with_fp32=float((logits.argmax(1) == fp32_logits.argmax(1)).mean()))
-        attempts.append(attempt)
-        log(f"int8 recipe '{attempt['name']}': test accuracy {acc:.4f} (drop {attempt['drop']:+.4f}, "
-            f"budget {ce.max_int8_drop}) {'OK' if attempt['ok'] else 'over budget'}")
-        if attempt["ok"]:
-            os.replace(candidate, int8_path)
-            return attempt["name"], logits, attempts
-    warnings_.append(f"no int8 recipe met export.max_int8_drop={ce.max_int8_drop} "
-                     f"({'; '.join(a['name'] for a in attempts)}): shipping fp32 only, model.int8.onnx not written")
-    log("WARNING: " + warnings_[-1])
-    return None, None, attempts
-
-
-def run(cfg, force: bool = False) -> dict:
-    import onnx
+def selection_references(cfg, data, teacher_path: Path, cmetrics: dict, x_sel, y_sel) -> tuple:
+    """Per-image correctness of the teacher (PyTorch) and of the student's probe on the selection split."""
     import torch
 
     from models import load_model_artifact
-    from pipeline import engine
+
+    teacher, tmeta = load_model_artifact(teacher_path)
+    xt, _ = load_images(data.val, tmeta["preprocessing"])
+    with torch.no_grad():
+        t_logits = torch.cat([teacher(torch.from_numpy(xt[i:i + 64])) for i in range(0, len(xt), 64)]).numpy()
+    probe_correct = None
+    probe_path = cfg.run_dir / "compress" / "probe_student.pt"
+    if cmetrics.get("probe") and probe_path.exists():
+        model, _ = load_model_artifact(probe_path)
+        with torch.no_grad():
+            p_logits = torch.cat([model(torch.from_numpy(x_sel[i:i + 64])) for i in range(0, len(x_sel), 64)]).numpy()
+        probe_correct = p_logits.argmax(1) == y_sel
+    return t_logits.argmax(1) == y_sel, probe_correct
+
+
+def run(cfg, force: bool = False) -> dict:
     from pipeline.data import prepare_data
 
-    t0 = time.perf_counter()
-    engine.set_threads(cfg.run.threads)
-    stage_dir = cfg.run_dir / STAGE
-    sources = source_paths(cfg)
-    data = prepare_data(cfg)
-    inputs = stage_inputs(sources, data.fingerprint)
-    chash = config_hash(cfg)
-    if not force and artifacts.manifest_is_current(stage_dir, chash, inputs):
-        log(f"up to date, skipping ({stage_dir / 'manifest.json'}; use --force to rerun)")
-        return {"skipped": True, "stage_dir": str(stage_dir)}
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    artifacts.invalidate(stage_dir)
-    for name in OPTIONAL_OUTPUTS:  # a previous run's int8/.ort/fp16 must not outlive a run that drops them
-        (stage_dir / name).unlink(missing_ok=True)
+    stage = Stage.open(cfg, STAGE, distributed=False)
     ce = cfg.export
+    shas, cmetrics = upstream(stage)
+    data = prepare_data(cfg)
+    chash, inputs = config_hash(cfg), {"data": data.fingerprint, **shas}
+    if stage.up_to_date(chash, inputs, force):
+        return stage.skipped()
+    stage.start()
     warnings_: list[str] = []
-    timings: dict = {}
+    cdir, tpath = cfg.run_dir / "compress", cfg.run_dir / "finetune" / "teacher.pt"
+    pre = artifacts.torch_load(cdir / "student.pt")["preprocessing"]
+    x_sel, y_sel = load_images(data.val, pre)
+    teacher_correct, probe_correct = selection_references(cfg, data, tpath, cmetrics, x_sel, y_sel)
+    calib, _ = load_images(stratified_sample(data.train, ce.calibration_images, cfg.run.seed), pre)
+    log(f"choosing what ships on the selection split ({data.describe()['selection']['split']}, {len(y_sel)} images): "
+        f"teacher {teacher_correct.mean():.4f}" + (f", student probe {probe_correct.mean():.4f}" if probe_correct is not None else "")
+        + f"; budget run.max_accuracy_drop={cfg.run.max_accuracy_drop:g} vs the teacher")
+    with tempfile.TemporaryDirectory(dir=stage.dir, prefix=".work.") as work:
+        pool = Candidates(cfg, cdir, work, (x_sel, y_sel), teacher_correct, probe_correct, calib)
+        cand, int8_attempt = pool.choose(candidate_list(cmetrics), ce.quantization in ("static", "dynamic"))
+        shipped_ok = any(a.get("ok") for a in pool.attempts)
+        fp = pool.export_fp32(cand)
+        fp32_path, int8_path = stage.dir / "model.fp32.onnx", stage.dir / "model.int8.onnx"
+        os.replace(fp["path"], fp32_path)
+        if int8_attempt is not None:
+            os.replace(int8_attempt["path"], int8_path)
+        teacher_onnx = Path(work) / "teacher.fp32.onnx"
+        from models import load_model_artifact
+        tmodel, tmeta = load_model_artifact(tpath)
+        export_onnx(tmodel, tmeta["preprocessing"]["input_size"], teacher_onnx, ce.opset, ce.exporter)
+        report = measure_and_report(stage, data, cand, fp, int8_attempt, pool, teacher_onnx, shipped_ok, warnings_)
+    outputs = ["model.fp32.onnx", "model.json"] + (["model.int8.onnx"] if int8_attempt else []) + \
+        ([report["mobile"]["file"]] if report.get("mobile") else []) + \
+        (report["phones"]["files"] if report.get("phones") else [])
+    report_files = write_report(cfg.run_dir, report)
+    print((cfg.run_dir / "report.md").read_text(), flush=True)
+    stage.finish(outputs + [os.path.relpath(p, stage.dir) for p in report_files], {},
+                 {"exporter": fp["exporter"], "shipped": report["shipped"], "recommended": report["recommended"]},
+                 config_hash=chash, inputs=inputs)
+    return {"skipped": False, "stage_dir": str(stage.dir), "int8": int8_attempt["recipe"] if int8_attempt else None,
+            "shipped": report["shipped"], "verdict": report["verdict"], "recommended": report["recommended"],
+            "fp32_accuracy": report["models"]["onnx_fp32"]["accuracy"],
+            "int8_accuracy": report["models"]["onnx_int8"].get("accuracy"), "warnings": warnings_}
 
-    model, meta = load_model_artifact(sources["pruned.pt"])
-    pre, classes = meta["preprocessing"], meta["classes"]
-    log(f"{meta['name']} ({engine.count_params(model) / 1e6:.2f}M params), input {pre['input_size']}, "
-        f"{len(classes)} classes; {'val (no test split)' if data.test_is_val else 'test'} split {len(data.test)} images")
+
+def measure_and_report(stage: Stage, data, cand: dict, fp: dict, int8_attempt, pool: Candidates, teacher_onnx: Path,
+                       shipped_ok: bool, warnings_: list) -> dict:
+    """Every report figure, once, on the report split; the card in model.json and the ONNX metadata; the .ort."""
+    import torch
+
+    cfg, ce, cdir = stage.cfg, stage.cfg.export, stage.cfg.run_dir / "compress"
+    fmetrics = artifacts.read_json(cfg.run_dir / "finetune" / "metrics.json")
+    pre, classes = fp["meta"]["preprocessing"], fp["meta"]["classes"]
     x_test, y_test = load_images(data.test, pre)
-    with torch.no_grad():
-        torch_logits = torch.cat([model(torch.from_numpy(x_test[i:i + 64])) for i in range(0, len(x_test), 64)]).numpy()
+    log(f"measuring every row on the report split ({data.describe()['report']['split']}, {len(y_test)} images)")
+    rows, correct = {}, {}
+    tpre = artifacts.torch_load(cfg.run_dir / "finetune" / "teacher.pt")["preprocessing"]
+    xt_test = x_test if tpre == pre else load_images(data.test, tpre)[0]
+    for name, path, x in (("teacher", cfg.run_dir / "finetune" / "teacher.pt", xt_test),
+                          ("student", cdir / "student.pt", x_test), ("pruned", cdir / cand["file"], x_test)):
+        rows[name], logits = torch_row(path, x, y_test, ce.latency_runs)
+        correct[name] = logits.argmax(1) == y_test
+    lat = onnx_rows(stage, teacher_onnx, tpre, pre, int8_attempt is not None, cand, x_test, y_test, rows, correct)
+    probe_rows(cfg, fmetrics, cdir, x_test, y_test, rows, correct)
+    add_intervals(rows, correct, correct["teacher"], cfg.run.max_accuracy_drop)
+    shipped_name = "onnx_int8" if int8_attempt is not None else "onnx_fp32"
+    shipped = {"candidate": cand["name"], "file": cand["file"], "precision": "int8" if int8_attempt else "fp32",
+               "row": shipped_name, "recipe": int8_attempt["recipe"] if int8_attempt else None}
+    verdict = make_verdict(cfg, shipped, rows, shipped_ok, pool, warnings_)
+    int8_tries = [a for a in pool.attempts if a["precision"] == "int8"]
+    recipes = next((a["recipes"] for a in int8_tries if a["file"] == cand["file"]),
+                   int8_tries[0]["recipes"] if int8_tries else [])
+    if ce.quantization in ("static", "dynamic") and int8_attempt is None:
+        warnings_.append(f"no int8 model met export.max_int8_drop={ce.max_int8_drop} and run.max_accuracy_drop="
+                         f"{cfg.run.max_accuracy_drop} on the selection split: shipping fp32 only, model.int8.onnx not "
+                         "written")
+        log("WARNING: " + warnings_[-1])
+    int8_speedup = ({"b1": round(lat["onnx_fp32"]["latency_ms_b1"] / lat["onnx_int8"]["latency_ms_b1"], 3),
+                     "b32": round(lat["onnx_fp32"]["latency_ms_b32"] / lat["onnx_int8"]["latency_ms_b32"], 3)}
+                    if int8_attempt else None)
+    recommended = {"cpu": "int8" if int8_attempt and int8_speedup["b1"] >= 1.0 else "fp32", "cuda": "fp32"}
+    if int8_speedup and int8_speedup["b1"] < 1.0:
+        warnings_.append(f"int8 is not faster than fp32 on this CPU ({int8_speedup['b1']:.2f}x at batch 1): "
+                         "recommended.cpu = fp32")
+    files = {"fp32": "model.fp32.onnx", "int8": "model.int8.onnx" if int8_attempt else None}
+    files["ort"] = Path(files["int8"] or files["fp32"]).with_suffix(".ort").name if ce.mobile else None
+    card = write_card(stage, fp, cand, classes, pre, rows, shipped, recommended, files, data)
+    mobile = write_mobile(stage, files, x_test, y_test, pool, correct, warnings_) if ce.mobile else None
+    phones = write_phone_files(stage, files, x_test, y_test, pool, pre, warnings_) if ce.mobile else None
+    # model.json only (the files can't hold their own hashes, nor what was made from them afterwards)
+    card["recommended"].update({"server-cpu": {"file": files["int8"] if recommended["cpu"] == "int8" else files["fp32"],
+                                               "execution_provider": "CPU", "why": "fastest measured on this CPU"},
+                                "server-cuda": {"file": files["fp32"], "execution_provider": "CUDA",
+                                                "why": "fp32 on the GPU; int8 QDQ gains little on CUDA EP"},
+                                **(phones["recommended"] if phones else {})})
+    if phones:
+        card["mobile"] = {"checker": phones["checker"], "models": phones["models"], "files": phones["files"],
+                          "reduced_build": phones["reduced_build"]}
+    extra_files = ([mobile["file"]] if mobile else []) + (phones["files"] if phones else [])
+    card["sha256"].update({f: artifacts.sha256_file(stage.dir / f) for f in extra_files})
+    artifacts.write_json(stage.dir / "model.json", card)
+    big = lambda r: r["size_bytes"]  # noqa: E731
+    return {
+        "models": rows, "classes": classes, "splits": data.describe(), "test_images": int(len(y_test)),
+        "test_is_val": False, "shipped": shipped, "verdict": verdict, "candidates": _plain_attempts(pool.attempts),
+        "teacher_onnx": lat["teacher_onnx"],
+        "speedup_vs_teacher_onnx": {k: round(lat["teacher_onnx"][f"latency_ms_{k}"] / rows[shipped_name][f"latency_ms_{k}"], 3)
+                                    for k in ("b1", "b32")},
+        "size_ratio_vs_teacher": round(big(rows[shipped_name]) / big(rows["teacher"]), 4),
+        "exporter": fp["exporter"], "opset": card["opset"], "parity": fp["parity"], "int8_speedup": int8_speedup,
+        "int8": {"quantization": ce.quantization, "shipped": shipped["recipe"], "max_int8_drop": ce.max_int8_drop,
+                 "attempts": recipes,
+                 "calibration_images": ce.calibration_images, "calibration_method": ce.calibration_method,
+                 "per_channel": ce.per_channel},
+        "mobile": mobile, "phones": {k: v for k, v in phones.items() if k != "logits"} if phones else None,
+        "recommended": card["recommended"], "warnings": warnings_,
+        "stage_seconds": stage_seconds(cfg, stage), "threads": {"onnxruntime": ce.latency_threads,
+                                                                "torch": torch.get_num_threads()},
+        "latency_runs": ce.latency_runs, "latency_rounds": ce.latency_rounds, "machine": _machine(),
+        "sha256": card["sha256"], "versions": artifacts.package_versions(),
+    }
 
-    # ---- fp32 ONNX: export, full check, parity on the real test images
-    t = time.perf_counter()
-    fp32_path = stage_dir / "model.fp32.onnx"
-    with artifacts.atomic_path(fp32_path, suffix=".onnx") as tmp:
-        exporter = export_onnx(model, pre["input_size"], Path(tmp), ce.opset, ce.exporter)
-        onnx.checker.check_model(str(tmp), full_check=True)
-        opset = next(o.version for o in onnx.load(str(tmp), load_external_data=False).opset_import
-                     if o.domain in ("", "ai.onnx"))
-        fp32_logits = run_onnx(runtime.make_session(tmp, "cpu", ce.latency_threads), x_test)
-        parity = check_parity(torch_logits, fp32_logits, ce.parity_atol, ce.min_top1_agreement)
-    timings["export_seconds"] = round(time.perf_counter() - t, 2)
-    fp32_acc = accuracy(fp32_logits, y_test)
-    log(f"fp32 ONNX ({exporter} exporter, opset {opset}, {timings['export_seconds']:.1f}s): checker ok, max |logit diff| "
-        f"{parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.4f}, test accuracy {fp32_acc:.4f}")
 
-    # ---- int8 with an accuracy budget and fallbacks (or fp16 / none)
-    t = time.perf_counter()
-    int8_path = stage_dir / "model.int8.onnx"
-    shipped, int8_logits, attempts, fp16_info = None, None, [], None
-    if ce.quantization in ("static", "dynamic"):
-        with tempfile.TemporaryDirectory(dir=stage_dir) as tmp:
-            shipped, int8_logits, attempts = _quantize_with_budget(
-                ce, cfg.run.seed, fp32_path, int8_path, tmp, data.train, pre, x_test, y_test, fp32_logits,
-                fp32_acc, warnings_)
-    elif ce.quantization == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
+def onnx_rows(stage: Stage, teacher_onnx: Path, tpre: dict, pre: dict, has_int8: bool, cand: dict, x_test, y_test,
+              rows: dict, correct: dict) -> dict:
+    """onnx_fp32 / onnx_int8 rows (report accuracy, ORT CPU latency side by side with the teacher's ONNX)."""
+    ce = stage.cfg.export
+    paths = {"teacher_onnx": teacher_onnx, "onnx_fp32": stage.dir / "model.fp32.onnx"}
+    if has_int8:
+        paths["onnx_int8"] = stage.dir / "model.int8.onnx"
+    if tpre["input_size"] != pre["input_size"]:  # one input per call: time the teacher at its own size
+        lat = compare_latency({k: v for k, v in paths.items() if k != "teacher_onnx"}, pre["input_size"],
+                              ce.latency_threads, ce.latency_runs, ce.latency_rounds)
+        lat["teacher_onnx"] = compare_latency({"t": teacher_onnx}, tpre["input_size"], ce.latency_threads,
+                                              ce.latency_runs, ce.latency_rounds)["t"]
+    else:
+        lat = compare_latency(paths, pre["input_size"], ce.latency_threads, ce.latency_runs, ce.latency_rounds)
+    for name in ("onnx_fp32", "onnx_int8"):
+        if name not in paths:
+            rows[name] = {"accuracy": None, "note": "not shipped: see candidates"}
+            continue
+        logits = run_onnx(runtime.make_session(paths[name], "cpu", ce.latency_threads), x_test)
+        correct[name] = logits.argmax(1) == y_test
+        rows[name] = {"accuracy": float(correct[name].mean()), "params": rows["pruned"]["params"],
+                      "macs": rows["pruned"]["macs"], "size_bytes": paths[name].stat().st_size, **lat[name],
+                      "file": paths[name].name, "source": cand["file"]}
+    return lat
 
-        fp16 = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
-        with artifacts.atomic_path(stage_dir / "model.fp16.onnx", suffix=".onnx") as tmp:
-            onnx.save(fp16, str(tmp))
-        try:  # meant for GPUs; the CPU EP may lack fp16 kernels for some ops
-            fp16_logits = run_onnx(runtime.make_session(stage_dir / "model.fp16.onnx", "cpu", ce.latency_threads), x_test)
-            fp16_info = {"file": "model.fp16.onnx", "accuracy": accuracy(fp16_logits, y_test),
-                         "max_abs_diff_vs_fp32": float(np.abs(fp16_logits - fp32_logits).max())}
-        except Exception as e:  # noqa: BLE001
-            fp16_info = {"file": "model.fp16.onnx", "error": f"{type(e).__name__}: {str(e)[:200]}"}
-        log(f"fp16: {fp16_info}")
-    timings["quantize_seconds"] = round(time.perf_counter() - t, 2)
 
-    # ---- latency fp32 vs int8 on the CPU execution provider, side by side
-    lat_paths = {"onnx_fp32": fp32_path, **({"onnx_int8": int8_path} if shipped else {})}
-    lat = compare_latency(lat_paths, pre["input_size"], ce.latency_threads, ce.latency_runs, ce.latency_rounds)
-    recommended_cpu, speedup = "fp32", None
-    if shipped:
-        f, q = lat["onnx_fp32"], lat["onnx_int8"]
-        speedup = {"b1": round(f["latency_ms_b1"] / q["latency_ms_b1"], 3),
-                   "b32": round(f["latency_ms_b32"] / q["latency_ms_b32"], 3)}
-        log(f"latency fp32 {f['latency_ms_b1']:.2f} / {f['latency_ms_b32']:.2f} ms, int8 {q['latency_ms_b1']:.2f} / "
-            f"{q['latency_ms_b32']:.2f} ms (b1 / b32, {ce.latency_threads} threads): int8 speed-up "
-            f"{speedup['b1']:.2f}x / {speedup['b32']:.2f}x")
-        # Batch 1 decides: it is what a device and the server's first request see.
-        recommended_cpu = "int8" if speedup["b1"] >= 1.0 else "fp32"
-        slow = [f"{speedup[k]:.2f}x at batch {k[1:]}" for k in ("b1", "b32") if speedup[k] < 1.0]
-        if slow:
-            warnings_.append(f"int8 is not faster than fp32 on this CPU ({', '.join(slow)}); recommended.cpu = "
-                             f"{recommended_cpu} (decided at batch 1)")
-            log("WARNING: " + warnings_[-1])
+def probe_rows(cfg, fmetrics: dict, cdir: Path, x_test, y_test, rows: dict, correct: dict) -> None:
+    """probe_teacher (from finetune's metrics) and probe_student (probe_student.pt on the report split)."""
+    import torch
 
-    # ---- the card: in the ONNX metadata and as model.json (the same dict); then the mobile copy
-    mobile_src = int8_path if shipped else fp32_path
-    files = {"fp32": fp32_path.name, "int8": int8_path.name if shipped else None,
-             "ort": mobile_src.with_suffix(".ort").name if ce.mobile else None}
-    if ce.quantization == "fp16":
-        files["fp16"] = "model.fp16.onnx"
+    from models import load_model_artifact
+
+    tprobe = fmetrics.get("probe")
+    if tprobe:
+        n, k = len(y_test), int(round(tprobe["test_accuracy"] * len(y_test)))
+        rows["probe_teacher"] = {"accuracy": tprobe["test_accuracy"], "params": rows["teacher"]["params"],
+                                 "macs": rows["teacher"]["macs"], "size_bytes": None, "C": tprobe["C"],
+                                 "selection_accuracy": tprobe["selection_accuracy"]}
+        correct_t = np.zeros(n, dtype=bool)
+        correct_t[:k] = True  # per-image results were not kept: the interval needs only the count
+        rows["probe_teacher"]["accuracy_ci95"] = budget.accuracy_ci(correct_t)
+    if (cdir / "probe_student.pt").exists():
+        model, _ = load_model_artifact(cdir / "probe_student.pt")
+        with torch.no_grad():
+            logits = torch.cat([model(torch.from_numpy(x_test[i:i + 64])) for i in range(0, len(x_test), 64)]).numpy()
+        correct["probe_student"] = logits.argmax(1) == y_test
+        rows["probe_student"] = {"accuracy": float(correct["probe_student"].mean()), "params": rows["student"]["params"],
+                                 "macs": rows["student"]["macs"], "size_bytes": None}
+
+
+def make_verdict(cfg, shipped: dict, rows: dict, shipped_ok: bool, pool: Candidates, warnings_: list) -> dict:
+    r = rows[shipped["row"]]
+    drop, max_drop = r["drop_vs_teacher"], cfg.run.max_accuracy_drop
+    if shipped_ok:
+        message = (f"shipped {shipped['candidate']} ({shipped['precision']}): within run.max_accuracy_drop={max_drop:g} "
+                   f"of the teacher on the selection split; on the report split {r['accuracy']:.4f} vs teacher "
+                   f"{rows['teacher']['accuracy']:.4f} (drop {drop:+.4f}, 95% interval {r['drop_vs_teacher_ci95'][0]:+.4f}.."
+                   f"{r['drop_vs_teacher_ci95'][1]:+.4f})")
+    else:
+        message = (f"NO STUDENT MEETS THE BUDGET (run.max_accuracy_drop={max_drop:g} vs the teacher on the selection split). "
+                   f"Shipping the most accurate candidate, {shipped['candidate']} ({shipped['precision']}), {drop:+.4f} below "
+                   "the teacher on the report split. Options: a larger student (student.name=timm:efficientnet_lite1), "
+                   "longer distillation (compress.epochs), less pruning (compress.target_macs_ratio=0.7), or a larger "
+                   "budget (run.max_accuracy_drop)")
+        warnings_.append(message)
+        log("!" * 78 + "\n[export] " + message + "\n[export] " + "!" * 78)
+    return {"ok": shipped_ok, "message": message, "max_accuracy_drop": max_drop, "report_drop": drop,
+            "report_drop_ci95": r["drop_vs_teacher_ci95"], "within_budget_on_report_split": drop <= max_drop + 1e-12}
+
+
+def _plain_attempts(attempts: list[dict]) -> list[dict]:
+    return [{k: (str(v) if isinstance(v, Path) else v) for k, v in a.items() if k != "path"} for a in attempts]
+
+
+def stage_seconds(cfg, stage: Stage) -> dict:
+    out = {}
+    for name in ("finetune", "compress"):
+        path = cfg.run_dir / name / artifacts.MANIFEST
+        if path.exists():
+            out[name] = artifacts.read_json(path).get("timings", {}).get("total_seconds", 0.0)
+    out["export"] = round(time.perf_counter() - stage.t_start, 1)
+    return out
+
+
+def write_card(stage: Stage, fp: dict, cand: dict, classes, pre, rows, shipped, recommended, files, data) -> dict:
+    """The model card: in model.json and in the metadata of every shipped ONNX file (the same dict)."""
+    import onnx
+
+    opset = next(o.version for o in onnx.load(str(stage.dir / files["fp32"]), load_external_data=False).opset_import
+                 if o.domain in ("", "ai.onnx"))
     card = {
-        "name": f"{meta['name']} (distilled, pruned) for {len(classes)} classes",
-        "architecture": meta["name"], "labels": classes, "preprocessing": pre,
+        "name": f"{fp['meta']['name']} ({cand['name']}) for {len(classes)} classes",
+        "architecture": fp["meta"]["name"], "labels": classes, "preprocessing": pre,
         "input": {"name": INPUT_NAME, "shape": ["N", *pre["input_size"]], "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": ["N", len(classes)], "meaning": "logits (softmax for probabilities)"},
-        "pipeline_version": __version__, "exporter": exporter, "opset": opset,
-        "accuracy": {"onnx_fp32": fp32_acc, "onnx_int8": accuracy(int8_logits, y_test) if shipped else None,
-                     "pytorch_pruned": accuracy(torch_logits, y_test),
-                     "split": "val" if data.test_is_val else "test", "images": int(len(y_test))},
-        "quantization": {"kind": ce.quantization, "shipped": shipped, "attempts": attempts,
-                         "max_int8_drop": ce.max_int8_drop},
-        "latency_ms_cpu": {k: v for k, v in lat.items()}, "latency_threads": ce.latency_threads,
-        "files": files, "recommended": {"cpu": recommended_cpu, "cuda": "fp32"},
+        "pipeline_version": __version__, "exporter": fp["exporter"], "opset": opset,
+        "accuracy": {"onnx_fp32": rows["onnx_fp32"]["accuracy"], "onnx_int8": rows["onnx_int8"].get("accuracy"),
+                     "teacher": rows["teacher"]["accuracy"], "split": data.describe()["report"]["split"],
+                     "images": len(data.test)},
+        "shipped": shipped, "files": dict(files), "recommended": recommended,
+        "latency_ms_cpu": {k: {m: rows[k][m] for m in ("latency_ms_b1", "latency_ms_b32")}
+                           for k in ("onnx_fp32", "onnx_int8") if rows[k].get("accuracy") is not None},
+        "measured_on": "the export machine's CPU only (ONNX Runtime CPU EP); other hosts differ",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    for path in [fp32_path] + ([int8_path] if shipped else []) + \
-            ([stage_dir / files["fp16"]] if "fp16" in files else []):
-        proto = onnx.load(str(path))
+    for name in [f for f in (files["fp32"], files["int8"]) if f]:
+        proto = onnx.load(str(stage.dir / name))
         set_onnx_metadata(proto, card)
-        with artifacts.atomic_path(path, suffix=".onnx") as tmp:
+        with artifacts.atomic_path(stage.dir / name, suffix=".onnx") as tmp:
             onnx.save(proto, str(tmp))
-    outputs = ["model.fp32.onnx", "model.json"] + (["model.int8.onnx"] if shipped else []) + \
-        (["model.fp16.onnx"] if ce.quantization == "fp16" else [])
-    mobile = None
-    if ce.mobile:
-        ort_path = stage_dir / files["ort"]
-        write_ort(mobile_src, ort_path)
-        ort_logits = run_onnx(runtime.make_session(ort_path, "cpu", ce.latency_threads), x_test)
-        ref = int8_logits if shipped else fp32_logits
-        mobile = {"file": ort_path.name, "from": mobile_src.name, "accuracy": accuracy(ort_logits, y_test),
-                  "top1_agreement": float((ort_logits.argmax(1) == ref.argmax(1)).mean()),
-                  "max_abs_diff": float(np.abs(ort_logits - ref).max())}
-        log(f"{ort_path.name}: test accuracy {mobile['accuracy']:.4f}, top-1 agreement with {mobile_src.name} "
-            f"{mobile['top1_agreement']:.4f}, max |logit diff| {mobile['max_abs_diff']:.2e}")
-        if mobile["top1_agreement"] < ce.min_top1_agreement:
-            raise ExportError(f"{ort_path.name} agrees with {mobile_src.name} on only {mobile['top1_agreement']:.4f} "
-                              f"of the test images (limit export.min_top1_agreement={ce.min_top1_agreement})")
-        outputs.append(files["ort"])
-    artifacts.write_json(stage_dir / "model.json", card)
+    card["sha256"] = {f: artifacts.sha256_file(stage.dir / f) for f in files.values() if f and (stage.dir / f).exists()}
+    artifacts.write_json(stage.dir / "model.json", card)
+    return card
 
-    # ---- the report: every row measured now
-    t = time.perf_counter()
-    log("measuring the PyTorch rows (teacher, student, pruned) for the report")
-    rows = {name: _torch_row(sources[f"{name}.pt"], data, cfg, ce.latency_runs) for name in ("teacher", "student", "pruned")}
-    pruned = rows["pruned"]
-    rows["onnx_fp32"] = {"accuracy": fp32_acc, "params": pruned["params"], "macs": pruned["macs"],
-                         "size_bytes": fp32_path.stat().st_size, **lat["onnx_fp32"], "file": str(fp32_path)}
-    rows["onnx_int8"] = ({"accuracy": card["accuracy"]["onnx_int8"], "params": pruned["params"],
-                          "macs": pruned["macs"], "size_bytes": int8_path.stat().st_size, **lat["onnx_int8"],
-                          "file": str(int8_path), "recipe": shipped}
-                         if shipped else {**{c: None for c in COLUMNS}, "note": "not shipped: see int8.attempts"})
-    timings["report_seconds"] = round(time.perf_counter() - t, 2)
-    report = {
-        "models": rows, "test_images": int(len(y_test)), "test_is_val": data.test_is_val, "classes": classes,
-        "exporter": exporter, "opset": opset, "parity": parity,
-        "int8": {"quantization": ce.quantization, "shipped": shipped, "attempts": attempts,
-                 "max_int8_drop": ce.max_int8_drop, "calibration_images": ce.calibration_images,
-                 "calibration_method": ce.calibration_method, "per_channel": ce.per_channel},
-        "int8_speedup": speedup, "mobile": mobile, "fp16": fp16_info,
-        "recommended": card["recommended"], "warnings": warnings_,
-        "threads": {"onnxruntime": ce.latency_threads, "torch": torch.get_num_threads()},
-        "latency_runs": ce.latency_runs, "latency_rounds": ce.latency_rounds, "machine": _machine(),
-        "paths": {"export_dir": str(stage_dir), **{k: str(v) for k, v in sources.items()},
-                  **{k: str(stage_dir / v) for k, v in files.items() if v}},
-        "sha256": {**{name: artifacts.sha256_file(stage_dir / name) for name in outputs if name != "model.json"},
-                   **{name: inputs[name] for name in SOURCES}},
-        "versions": artifacts.package_versions(),
-    }
-    report_files = write_report(cfg.run_dir, report)
-    print(Path(cfg.run_dir / "report.md").read_text(), flush=True)
-    timings["total_seconds"] = round(time.perf_counter() - t0, 2)
-    artifacts.write_manifest(stage_dir, STAGE, chash, inputs,
-                             outputs + [os.path.relpath(p, stage_dir) for p in report_files], timings,
-                             {"exporter": exporter, "int8_recipe": shipped, "recommended": card["recommended"]})
-    return {"skipped": False, "stage_dir": str(stage_dir), "int8": shipped, "fp32_accuracy": fp32_acc,
-            "int8_accuracy": card["accuracy"]["onnx_int8"], "recommended": card["recommended"],
-            "warnings": warnings_}
+
+def write_mobile(stage: Stage, files: dict, x_test, y_test, pool: Candidates, correct: dict, warnings_: list) -> dict:
+    """The .ort copy of the shipped file, checked like the file it comes from (agreement and the budget)."""
+    ce = stage.cfg.export
+    src = stage.dir / (files["int8"] or files["fp32"])
+    ort_path = src.with_suffix(".ort")
+    write_ort(src, ort_path)
+    sess, ref = runtime.make_session(ort_path, "cpu", ce.latency_threads), runtime.make_session(src, "cpu", ce.latency_threads)
+    logits, ref_logits = run_onnx(sess, x_test), run_onnx(ref, x_test)
+    sel_logits = run_onnx(sess, pool.x)
+    vs_teacher = budget.paired_drop(pool.teacher_correct, sel_logits.argmax(1) == pool.y, stage.cfg.run.max_accuracy_drop)
+    mobile = {"file": ort_path.name, "from": src.name, "accuracy": accuracy(logits, y_test),
+              "selection_accuracy": accuracy(sel_logits, pool.y), "vs_teacher_selection": vs_teacher,
+              "top1_agreement": float((logits.argmax(1) == ref_logits.argmax(1)).mean()),
+              "max_abs_diff": float(np.abs(logits - ref_logits).max())}
+    log(f"{ort_path.name}: report accuracy {mobile['accuracy']:.4f}, top-1 agreement with {src.name} "
+        f"{mobile['top1_agreement']:.4f}, vs teacher on selection {vs_teacher['drop']:+.4f}")
+    if mobile["top1_agreement"] < ce.min_top1_agreement:
+        raise ExportError(f"{ort_path.name} agrees with {src.name} on only {mobile['top1_agreement']:.4f} of the "
+                          f"report images (limit export.min_top1_agreement={ce.min_top1_agreement})")
+    if not vs_teacher["ok"]:
+        warnings_.append(f"{ort_path.name} misses run.max_accuracy_drop on the selection split ({vs_teacher['reason']})")
+    return mobile
+
+
+def write_phone_files(stage: Stage, files: dict, x_test, y_test, pool: Candidates, pre: dict, warnings_: list) -> dict:
+    """Fixed-shape files for Android (NNAPI) and iOS (CoreML), checked by ONNX Runtime's mobile usability checker,
+    evaluated on the report split and held to the end-to-end budget on the selection split (pipeline.mobile)."""
+    ce = stage.cfg.export
+    res = mobile.export_mobile(stage.dir, stage.dir / files["fp32"], stage.dir / files["int8"] if files["int8"] else None,
+                               x_test, y_test, reference_logits={}, input_size=pre["input_size"],
+                               threads=ce.latency_threads, min_top1_agreement=ce.min_top1_agreement)
+    for name, m in res["models"].items():
+        sess = mobile.mobile_session(stage.dir / name, ce.latency_threads)
+        feed = sess.get_inputs()[0].name
+        logits = np.concatenate([sess.run(None, {feed: pool.x[i:i + 1]})[0] for i in range(len(pool.x))])
+        m["selection_accuracy"] = accuracy(logits, pool.y)
+        m["vs_teacher_selection"] = budget.paired_drop(pool.teacher_correct, logits.argmax(1) == pool.y,
+                                                       stage.cfg.run.max_accuracy_drop)
+        if not m["vs_teacher_selection"]["ok"]:
+            warnings_.append(f"{name} misses run.max_accuracy_drop on the selection split "
+                             f"({m['vs_teacher_selection']['reason']})")
+    warnings_ += res["warnings"]
+    return res

@@ -12,7 +12,15 @@ Strategies (finetune.strategy):
   partial       the first finetune.freeze_blocks blocks stay frozen, the rest trains
   full          everything trains, the backbone at lr * backbone_lr_mult
   two_phase     head only for finetune.head_epochs, then everything, backbone at lr * backbone_lr_mult
-  auto          by training images per class (median): < 20 linear_probe, > 1000 full, else two_phase
+  auto          the classic data size x similarity regimes (see `resolve_strategy`): the size is the median
+                number of training images per class, the similarity how well the frozen pretrained features
+                separate the classes (the probe's selection accuracy, 0 = chance, 1 = perfect)
+
+Every strategy starts from the frozen-feature probe (finetune.probe_init): a logistic regression on the
+pretrained teacher's pooled features, fitted in seconds, becomes the new head (linear probe, then
+fine-tune), and is itself the first candidate for the best checkpoint. The weights' EMA is what is
+evaluated each epoch (finetune.ema_decay). Decisions use the selection split (`val`); the figures
+reported are on the report split (`test`), which no decision touched.
 """
 from __future__ import annotations
 
@@ -24,31 +32,55 @@ import torch
 from torch import nn
 
 from models import backbone_blocks, build_model, find_head, load_model_artifact, save_model_artifact
-from pipeline import artifacts, engine
-from pipeline.data import class_counts, make_loader, prepare_data, resolve_preprocessing, steps_per_epoch, summary
+from pipeline import artifacts, engine, probe
+from pipeline.data import class_counts, make_loader, prepare_data_all_ranks, resolve_preprocessing, steps_per_epoch, summary
+from pipeline.stage import Stage
 
 STAGE = "finetune"
 AUTO_LINEAR_PROBE_BELOW = 20     # images per class
 AUTO_FULL_ABOVE = 1000
 
 
-def resolve_strategy(strategy: str, train_counts: list[int]) -> str:
-    if strategy != "auto":
-        return strategy
+AUTO_SIMILAR_ABOVE = 0.8         # probe similarity (0 = chance, 1 = perfect) above which the data count as similar
+
+
+def resolve_strategy(strategy: str, train_counts: list[int], similarity: float | None = None) -> tuple[str, dict]:
+    """-> (strategy, regime). `auto` follows the classic guidance on data size x similarity to the pretraining
+    data (CS231n "Transfer learning"; Yosinski et al. 2014):
+
+      small & similar    the pretrained features already fit: train the top third (the probe is a candidate too)
+      small & different  train from earlier layers: the first third stays frozen
+      large & either     fine-tune everything
+
+    Fewer than AUTO_LINEAR_PROBE_BELOW images per class train only the head."""
     per_class = statistics.median(train_counts)
-    if per_class < AUTO_LINEAR_PROBE_BELOW:
-        return "linear_probe"
-    if per_class > AUTO_FULL_ABOVE:
-        return "full"
-    return "two_phase"
+    similar = similarity is None or similarity >= AUTO_SIMILAR_ABOVE
+    size = "tiny" if per_class < AUTO_LINEAR_PROBE_BELOW else "large" if per_class > AUTO_FULL_ABOVE else "small"
+    regime = {"images_per_class": per_class, "similarity": similarity, "size": size,
+              "domain": "similar" if similar else "different"}
+    if strategy != "auto":
+        return strategy, {**regime, "why": "set by finetune.strategy"}
+    if size == "tiny":
+        return "linear_probe", {**regime, "why": f"median {per_class:g} training images per class < "
+                                                f"{AUTO_LINEAR_PROBE_BELOW}: only the head trains"}
+    if size == "large":
+        return "full", {**regime, "why": f"median {per_class:g} images per class > {AUTO_FULL_ABOVE}: fine-tune all"}
+    frozen = 2 / 3 if similar else 1 / 3
+    why = (f"small data ({per_class:g} images per class) and {regime['domain']} to ImageNet (probe similarity "
+           f"{similarity if similarity is not None else float('nan'):.2f}, threshold {AUTO_SIMILAR_ABOVE}): "
+           f"the first {frozen:.0%} of the blocks stay frozen")
+    return "partial", {**regime, "frozen_fraction": frozen, "why": why}
 
 
-def plan_phases(strategy: str, cfg_ft) -> list[dict]:
+def plan_phases(strategy: str, cfg_ft, regime: dict | None = None, n_blocks: int = 0) -> list[dict]:
     """[{name, epochs, frozen_blocks}] where frozen_blocks is 'all', an int, or 0."""
     if strategy == "linear_probe":
         return [{"name": "head", "epochs": cfg_ft.epochs, "frozen_blocks": "all"}]
     if strategy == "partial":
-        return [{"name": "partial", "epochs": cfg_ft.epochs, "frozen_blocks": cfg_ft.freeze_blocks}]
+        frozen = cfg_ft.freeze_blocks
+        if regime and "frozen_fraction" in regime:
+            frozen = int(round(regime["frozen_fraction"] * n_blocks))
+        return [{"name": "partial", "epochs": cfg_ft.epochs, "frozen_blocks": frozen}]
     if strategy == "full":
         return [{"name": "full", "epochs": cfg_ft.epochs, "frozen_blocks": 0}]
     phases = [{"name": "head", "epochs": cfg_ft.head_epochs, "frozen_blocks": "all"},
@@ -93,14 +125,15 @@ def train_mode_keeping_frozen_bn(model: nn.Module, all_bn: bool = False) -> None
                 m.eval()
 
 
-def make_optimizer(cfg_ft, head: list, backbone: list):
-    groups = [{"params": head, "lr": cfg_ft.lr}]
+def make_optimizer(cfg_ft, head: list, backbone: list, lr: float | None = None):
+    lr = cfg_ft.lr if lr is None else lr
+    groups = [{"params": head, "lr": lr}]
     if backbone:
-        groups.append({"params": backbone, "lr": cfg_ft.lr * cfg_ft.backbone_lr_mult})
+        groups.append({"params": backbone, "lr": lr * cfg_ft.backbone_lr_mult})
     if cfg_ft.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg_ft.lr, momentum=cfg_ft.momentum, weight_decay=cfg_ft.weight_decay,
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg_ft.momentum, weight_decay=cfg_ft.weight_decay,
                                nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg_ft.lr, weight_decay=cfg_ft.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg_ft.weight_decay)
 
 
 def make_scheduler(cfg_ft, optimizer, phase_epochs: int, steps: int):
@@ -152,166 +185,228 @@ def config_hash(cfg) -> str:
     return artifacts.sha256_json({"sections": cfg.section_hash("data", "teacher", "finetune"), "seed": cfg.run.seed})
 
 
-def run(cfg, force: bool = False) -> dict:
-    t_start = time.perf_counter()
-    dist, device = engine.init_distributed(cfg.run.device)
-    engine.set_threads(cfg.run.threads)
-    stage_dir = cfg.run_dir / STAGE
-    log = print if dist.is_main else (lambda *a, **k: None)
+def make_ema(model: nn.Module, decay: float):
+    """torch's AveragedModel as an EMA of the weights (and BatchNorm buffers); None when off."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    # Rank 0 checks the data and writes splits.json; the others then read the same splits.
-    if dist.is_main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        data = prepare_data(cfg)
-    engine.barrier()
-    if not dist.is_main:
-        data = prepare_data(cfg, write=False)
-    chash = config_hash(cfg)
-    inputs = {"data": data.fingerprint}
-    if not force and artifacts.manifest_is_current(stage_dir, chash, inputs):
-        log(f"[finetune] up to date, skipping ({stage_dir / 'manifest.json'}; use --force to rerun)")
-        return {"skipped": True, "stage_dir": str(stage_dir)}
-    log(f"[finetune] data: {summary(data)}")
-    engine.barrier()
-    if dist.is_main:
-        artifacts.invalidate(stage_dir)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def load_matching_checkpoint(stage: Stage, chash: str, data) -> dict | None:
+    return stage.resume_or_restart(
+        engine.load_checkpoint(stage.dir / "checkpoint.pt"),
+        lambda c: (c.get("config_hash"), c.get("data"), c.get("world_size")) == (chash, data.fingerprint,
+                                                                                 stage.dist.world_size))
+
+
+def fit_teacher_probe(stage: Stage, model: nn.Module, pre: dict, data, num_classes: int) -> dict:
+    """The frozen-feature probe of the pretrained teacher (rank 0 fits, every rank gets the same head)."""
+    info = None
+    if stage.is_main:
+        t0 = time.perf_counter()
+        loaders = {s: make_loader(getattr(data, s), pre, stage.cfg, train=False) for s in ("train", "val", "test")}
+        fitted, feats = probe.probe_model(model, loaders, stage.device, num_classes, stage.cfg.run.seed)
+        test_logits = probe.probe_logits(fitted, feats["test"][0])
+        info = {"weight": fitted["weight"], "bias": fitted["bias"], "C": fitted["C"],
+                "selection_accuracy": fitted["selection_accuracy"],
+                "test_accuracy": float((test_logits.argmax(1) == feats["test"][1]).mean()),
+                "similarity": probe.similarity(fitted["selection_accuracy"], num_classes),
+                "seconds": round(time.perf_counter() - t0, 2)}
+        stage.log(f"probe (logistic regression on frozen pooled features, C={info['C']:g}): selection accuracy "
+                  f"{info['selection_accuracy']:.4f}, report-split accuracy {info['test_accuracy']:.4f}, "
+                  f"similarity {info['similarity']:.2f} ({info['seconds']:.0f}s)")
+    info = engine.broadcast_object(info)
+    probe.set_head(engine.unwrap(model), info)
+    return {k: v for k, v in info.items() if k not in ("weight", "bias")}
+
+
+def run(cfg, force: bool = False) -> dict:
+    stage = Stage.open(cfg, STAGE)
+    data = prepare_data_all_ranks(cfg, stage.is_main)
+    chash, inputs = config_hash(cfg), {"data": data.fingerprint}
+    if stage.up_to_date(chash, inputs, force):
+        return stage.skipped()
+    stage.log(f"data: {summary(data)}")
+    ckpt = load_matching_checkpoint(stage, chash, data)
+    stage.start(resuming=ckpt is not None)
 
     num_classes = len(data.classes)
     torch.manual_seed(cfg.run.seed)
     model, pretrained = build_model(cfg.teacher.name, num_classes, cfg.teacher.weights)
     pre = resolve_preprocessing(pretrained, cfg.data)
-    strategy = resolve_strategy(cfg.finetune.strategy, class_counts(data.train, num_classes))
-    phases = plan_phases(strategy, cfg.finetune)
-    log(f"[finetune] {cfg.teacher.name} ({engine.count_params(model) / 1e6:.2f}M params) on {device}, "
-        f"strategy {strategy}{' (auto)' if cfg.finetune.strategy == 'auto' else ''}: "
-        + ", ".join(f"{p['name']} x{p['epochs']}" for p in phases)
-        + f", input {pre['input_size']}, {pre['interpolation']}, mean {pre['mean']}")
+    model.to(stage.device)
+    state = {"epoch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": -1, "history": [], "train_seconds": 0.0,
+             "probe": None}
+    if ckpt is not None:
+        state.update({k: ckpt["state"][k] for k in state})
+    elif cfg.finetune.probe_init or cfg.finetune.strategy == "auto":
+        state["probe"] = fit_teacher_probe(stage, model, pre, data, num_classes)
+    similarity = state["probe"]["similarity"] if state["probe"] else None
+    strategy, regime = resolve_strategy(cfg.finetune.strategy, class_counts(data.train, num_classes), similarity)
+    phases = plan_phases(strategy, cfg.finetune, regime, len(backbone_blocks(model)))
+    stage.log(f"{cfg.teacher.name} ({engine.count_params(model) / 1e6:.2f}M params) on {stage.device}, strategy "
+              f"{strategy}: {regime['why']}; " + ", ".join(f"{p['name']} x{p['epochs']}" for p in phases)
+              + f"; input {pre['input_size']}, {pre['interpolation']}, mean {pre['mean']}")
+    if ckpt is None and state["probe"] and stage.is_main:
+        consider_best(stage, model, pre, data, state, epoch=-1, label="probe")
+    state = train(stage, model, pre, data, phases, state, ckpt, chash)
+    result = finish(stage, pre, data, strategy, regime, phases, state, chash, inputs) if stage.is_main else {}
+    engine.barrier()
+    return {"skipped": False, "stage_dir": str(stage.dir), **result}
 
+
+def consider_best(stage: Stage, model: nn.Module, pre: dict, data, state: dict, epoch: int, label: str,
+                  loader=None) -> dict:
+    """Evaluate on the selection split; keep best.pt when it beats the best so far (rank 0)."""
+    loader = loader or make_loader(data.val, pre, stage.cfg, train=False)
+    val = engine.evaluate(model, loader, stage.device, len(data.classes), data.classes)
+    if val["accuracy"] > state["best_accuracy"]:
+        state["best_accuracy"], state["best_epoch"] = val["accuracy"], epoch
+        save_model_artifact(stage.dir / "best.pt", model, name=stage.cfg.teacher.name, classes=data.classes,
+                            preprocessing=pre, extra={"epoch": epoch, "selected": label,
+                                                      "val_accuracy": val["accuracy"]})
+    return val
+
+
+def enter_phase(stage: Stage, model, phase: dict, steps: int, ckpt: dict | None):
+    """Freeze per the phase; -> (optimizer, scheduler, the model to train: DDP-wrapped when distributed)."""
+    cf = stage.cfg.finetune
+    head, backbone = set_trainable(engine.unwrap(model), phase["frozen_blocks"])
+    # The LR was tuned for one process at data.batch_size: several GPUs scale it (timm's rule, engine.scaled_lr)
+    lr = engine.scaled_lr(cf.lr, stage.cfg.data.batch_size * stage.dist.world_size * stage.cfg.run.grad_accum_steps,
+                          base_batch=stage.cfg.data.batch_size, rule=stage.cfg.run.lr_scaling, optimizer=cf.optimizer)
+    optimizer = make_optimizer(cf, head, backbone, lr)
+    scheduler = make_scheduler(cf, optimizer, phase["epochs"], steps)
+    ddp_model = engine.wrap_for_training(model, stage.dist, stage.device, sync_bn=stage.cfg.run.sync_bn,
+                                         compile=stage.cfg.run.compile)
+    n_train = sum(p.numel() for p in engine.unwrap(model).parameters() if p.requires_grad)
+    stage.log(f"phase {phase['name']}: {n_train / 1e6:.2f}M trainable params, lr head {cf.lr:g}"
+              + (f", backbone {cf.lr * cf.backbone_lr_mult:g}" if backbone else ""))
+    return optimizer, scheduler, ddp_model
+
+
+def train(stage: Stage, model, pre: dict, data, phases: list[dict], state: dict, ckpt: dict | None, chash: str):
+    """The epochs of every phase, resuming from `ckpt`; the EMA weights are evaluated for the best epoch."""
+    cfg, device = stage.cfg, stage.device
     amp = engine.amp_dtype(cfg.finetune.amp, device)
     channels_last = engine.use_channels_last(cfg.finetune.channels_last, device)
-    model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    steps = steps_per_epoch(len(data.train), cfg.data.batch_size, dist.world_size, cfg.finetune.max_steps_per_epoch)
-    ckpt_path = stage_dir / "checkpoint.pt"
-    best_path = stage_dir / "best.pt"
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.finetune.label_smoothing)
-
-    def compute_loss(m, batch):
-        x, y = batch
-        logits = m(x)
-        return loss_fn(logits, y), logits, y
-
-    # ---- resume or start
-    state = {"epoch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": -1, "history": [], "train_seconds": 0.0}
-    ckpt = engine.load_checkpoint(ckpt_path)
-    if ckpt is not None and (ckpt.get("config_hash") != chash or ckpt.get("data") != data.fingerprint
-                             or ckpt.get("world_size") != dist.world_size):
-        log("[finetune] checkpoint is from another config, data or world size: starting over")
-        ckpt = None
+    steps = steps_per_epoch(len(data.train), cfg.data.batch_size, stage.dist.world_size,
+                            cfg.finetune.max_steps_per_epoch)
+    ema = make_ema(engine.unwrap(model), cfg.finetune.ema_decay)
     if ckpt is not None:
         engine.unwrap(model).load_state_dict(ckpt["model"])
-        state.update({k: ckpt[k] for k in state})
-        log(f"[finetune] resuming at epoch {state['epoch'] + 1}, step {state['step']} (best val so far "
-            f"{state['best_accuracy']:.4f})")
-
-    total_epochs = sum(p["epochs"] for p in phases)
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        stage.log(f"resuming at epoch {state['epoch'] + 1}, step {state['step']} (best selection accuracy so far "
+                  f"{state['best_accuracy']:.4f})")
+    total = sum(p["epochs"] for p in phases)
     phase_idx, optimizer, scheduler, ddp_model = None, None, None, model
-    val_loader = make_loader(data.val, pre, cfg, train=False) if dist.is_main else None
+    val_loader = make_loader(data.val, pre, cfg, train=False) if stage.is_main else None
 
     def save(epoch: int, step: int) -> None:
-        if dist.is_main:
-            engine.save_checkpoint(ckpt_path, model=engine.unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
-                                   scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), phase=phase_idx,
-                                   config_hash=chash, data=data.fingerprint, world_size=dist.world_size,
-                                   **{**state, "epoch": epoch, "step": step})
+        if stage.is_main:
+            engine.save_checkpoint(stage.dir / "checkpoint.pt", model=engine.unwrap(model).state_dict(),
+                                   ema=ema.state_dict() if ema is not None else None,
+                                   optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                   scaler=scaler.state_dict(), phase=phase_idx, config_hash=chash,
+                                   data=data.fingerprint, world_size=stage.dist.world_size,
+                                   state={**state, "epoch": epoch, "step": step})
 
-    while state["epoch"] < total_epochs:
+    while state["epoch"] < total:
         epoch = state["epoch"]
-        idx, phase_start = phase_at(phases, epoch)
+        idx, _ = phase_at(phases, epoch)
         if idx != phase_idx:  # enter a phase: freeze, new optimizer and schedule, (re)wrap for DDP
             phase_idx = idx
-            head, backbone = set_trainable(engine.unwrap(model), phases[idx]["frozen_blocks"])
-            optimizer = make_optimizer(cfg.finetune, head, backbone)
-            scheduler = make_scheduler(cfg.finetune, optimizer, phases[idx]["epochs"], steps)
+            optimizer, scheduler, ddp_model = enter_phase(stage, model, phases[idx], steps, ckpt)
             if ckpt is not None:  # resuming: same phase -> its optimizer state; a new phase starts fresh
                 if ckpt["phase"] == idx:
                     optimizer.load_state_dict(ckpt["optimizer"])
                     scheduler.load_state_dict(ckpt["scheduler"])
-                    scaler.load_state_dict(ckpt["scaler"])
+                    engine.restore_scaler(scaler, ckpt["scaler"])
                 engine.set_rng_state(ckpt["rng"])
                 ckpt = None
-            if dist.distributed:
-                ddp_model = nn.parallel.DistributedDataParallel(
-                    engine.unwrap(model), device_ids=[device.index] if device.type == "cuda" else None)
-            n_train = sum(p.numel() for p in engine.unwrap(model).parameters() if p.requires_grad)
-            log(f"[finetune] phase {phases[idx]['name']}: {n_train / 1e6:.2f}M trainable params, "
-                f"lr head {cfg.finetune.lr:g}" + (f", backbone {cfg.finetune.lr * cfg.finetune.backbone_lr_mult:g}"
-                                                   if backbone else ""))
-
-        loader = make_loader(data.train, pre, cfg, train=True, epoch=epoch, start_step=state["step"],
-                             rank=dist.rank, world_size=dist.world_size)
         every = cfg.finetune.checkpoint_every_steps
-        on_step = (lambda s: save(epoch, s) if s % every == 0 and s < steps else None) if every > 0 else None
-        train = engine.train_one_epoch(
-            ddp_model, loader, optimizer, scheduler, compute_loss, device, amp=amp, scaler=scaler,
-            grad_clip=cfg.finetune.grad_clip, channels_last=channels_last, start_step=state["step"], max_steps=steps,
-            on_step=on_step, progress=cfg.run.progress and dist.is_main,
-            desc=f"epoch {epoch + 1}/{total_epochs} {phases[idx]['name']}",
-            train_mode=lambda m: train_mode_keeping_frozen_bn(m, cfg.finetune.freeze_bn_stats))
-        state["train_seconds"] += train["seconds"]
 
-        if dist.is_main:
-            val = engine.evaluate(model, val_loader, device, num_classes, data.classes, amp, channels_last)
-            record = {"epoch": epoch, "phase": phases[idx]["name"], "lr": optimizer.param_groups[0]["lr"],
-                      "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-                      "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                      "images_per_s": train["images_per_s"] * dist.world_size, "resumed_mid_epoch": state["step"] > 0}
-            state["history"].append(record)
-            log(f"[finetune] epoch {epoch + 1}/{total_epochs} {phases[idx]['name']}: train loss {train['loss']:.4f} "
-                f"acc {train['accuracy']:.4f} | val loss {val['loss']:.4f} acc {val['accuracy']:.4f} | "
-                f"{record['images_per_s']:.0f} img/s")
-            if val["accuracy"] > state["best_accuracy"]:
-                state["best_accuracy"], state["best_epoch"] = val["accuracy"], epoch
-                save_model_artifact(best_path, model, name=cfg.teacher.name, classes=data.classes,
-                                    preprocessing=pre, extra={"epoch": epoch, "val_accuracy": val["accuracy"]})
+        def on_step(s, epoch=epoch):
+            if ema is not None:
+                ema.update_parameters(engine.unwrap(model))
+            if every > 0 and s % every == 0 and s < steps:
+                save(epoch, s)
+        loader = make_loader(data.train, pre, cfg, train=True, epoch=epoch, start_step=state["step"],
+                             rank=stage.dist.rank, world_size=stage.dist.world_size)
+        result = engine.train_one_epoch(
+            ddp_model, loader, optimizer, scheduler, lambda m, b: _ce(m, b, cfg.finetune.label_smoothing), device,
+            amp=amp, scaler=scaler, grad_clip=cfg.finetune.grad_clip, channels_last=channels_last,
+            start_step=state["step"], max_steps=steps, on_step=on_step, progress=cfg.run.progress and stage.is_main,
+            desc=f"epoch {epoch + 1}/{total} {phases[idx]['name']}",
+            train_mode=lambda m: train_mode_keeping_frozen_bn(m, cfg.finetune.freeze_bn_stats))
+        state["train_seconds"] += result["seconds"]
+        if stage.is_main:
+            record_epoch(stage, ema.module if ema is not None else model, pre, data, state, epoch, total,
+                         phases[idx]["name"], optimizer, result, val_loader)
         state = engine.broadcast_object(state)
         state["epoch"], state["step"] = epoch + 1, 0
         save(epoch + 1, 0)
         engine.barrier()
+    return state
 
-    # ---- the best checkpoint on the test split
-    result = {"skipped": False, "stage_dir": str(stage_dir)}
-    if dist.is_main:
-        best, _ = load_model_artifact(best_path, device)
-        val = engine.evaluate(best, make_loader(data.val, pre, cfg, train=False), device, num_classes, data.classes)
-        test = engine.evaluate(best, make_loader(data.test, pre, cfg, train=False), device, num_classes, data.classes)
-        note = " (no test split: measured on val)" if data.test_is_val else ""
-        log(f"[finetune] best epoch {state['best_epoch'] + 1}: val accuracy {val['accuracy']:.4f}, "
-            f"test accuracy {test['accuracy']:.4f}{note}")
-        save_model_artifact(stage_dir / "teacher.pt", best, name=cfg.teacher.name, classes=data.classes,
-                            preprocessing=pre, extra={"strategy": strategy, "best_epoch": state["best_epoch"],
-                                                      "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"]})
-        metrics = {
-            "model": cfg.teacher.name, "weights": cfg.teacher.weights, "strategy": strategy, "phases": phases,
-            "classes": data.classes, "splits": data.counts(), "test_is_val": data.test_is_val,
-            "skipped_images": data.skipped, "preprocessing": pre, "params": engine.count_params(best),
-            "device": str(device), "world_size": dist.world_size, "amp": str(amp) if amp else "off",
-            "history": state["history"], "best_epoch": state["best_epoch"],
-            "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"], "val": val, "test": test,
-            "train_seconds": state["train_seconds"],
-        }
-        artifacts.write_json(stage_dir / "metrics.json", metrics)
-        artifacts.write_json(stage_dir / "config.json", cfg.to_dict())
-        plots = _plots(state["history"], test, data.classes, stage_dir)
-        artifacts.write_manifest(stage_dir, STAGE, chash, inputs,
-                                 ["teacher.pt", "metrics.json", "config.json", *plots],
-                                 {"total_seconds": time.perf_counter() - t_start,
-                                  "train_seconds": state["train_seconds"]})
-        for leftover in (ckpt_path, best_path):  # the manifest now marks the stage done
-            leftover.unlink(missing_ok=True)
-        result.update(test_accuracy=test["accuracy"], val_accuracy=val["accuracy"], strategy=strategy)
-        log(f"[finetune] wrote {stage_dir}/teacher.pt, metrics.json, curves.png, confusion.png")
-    engine.barrier()
-    return result
+
+def _ce(model, batch, label_smoothing: float):
+    x, y = batch
+    logits = model(x)
+    return nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing), logits, y
+
+
+def record_epoch(stage: Stage, model, pre, data, state, epoch, total, phase_name, optimizer, train_result,
+                 val_loader) -> None:
+    val = consider_best(stage, model, pre, data, state, epoch, "epoch (EMA weights)" if stage.cfg.finetune.ema_decay
+                        else "epoch", val_loader)
+    record = {"epoch": epoch, "phase": phase_name, "lr": optimizer.param_groups[0]["lr"],
+              "train_loss": train_result["loss"], "train_accuracy": train_result["accuracy"],
+              "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+              "images_per_s": train_result["images_per_s"] * stage.dist.world_size,
+              "resumed_mid_epoch": state["step"] > 0}
+    state["history"].append(record)
+    stage.log(f"epoch {epoch + 1}/{total} {phase_name}: train loss {record['train_loss']:.4f} acc "
+              f"{record['train_accuracy']:.4f} | selection loss {val['loss']:.4f} acc {val['accuracy']:.4f} | "
+              f"{record['images_per_s']:.0f} img/s")
+
+
+def finish(stage: Stage, pre, data, strategy, regime, phases, state, chash, inputs) -> dict:
+    """The best checkpoint on both splits, the teacher artifact, metrics, plots, manifest (rank 0)."""
+    cfg, device, classes = stage.cfg, stage.device, data.classes
+    best, best_meta = load_model_artifact(stage.dir / "best.pt", device)
+    val = engine.evaluate(best, make_loader(data.val, pre, cfg, train=False), device, len(classes), classes)
+    test = engine.evaluate(best, make_loader(data.test, pre, cfg, train=False), device, len(classes), classes)
+    splits = data.describe()
+    selected = best_meta["extra"].get("selected", "epoch")
+    stage.log(f"best: {selected}" + (f" {state['best_epoch'] + 1}" if state["best_epoch"] >= 0 else "")
+              + f"; selection accuracy {val['accuracy']:.4f} ({splits['selection']['split']}, "
+              f"{splits['selection']['images']} images), report accuracy {test['accuracy']:.4f} "
+              f"({splits['report']['split']}, {splits['report']['images']} images)")
+    save_model_artifact(stage.dir / "teacher.pt", best, name=cfg.teacher.name, classes=classes, preprocessing=pre,
+                        extra={"strategy": strategy, "best_epoch": state["best_epoch"], "selected": selected,
+                               "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"]})
+    metrics = {
+        "model": cfg.teacher.name, "weights": cfg.teacher.weights, "strategy": strategy, "regime": regime,
+        "phases": phases, "classes": classes, "splits": data.counts(), "split_roles": splits,
+        "test_is_val": data.test_is_val, "skipped_images": data.skipped, "preprocessing": pre,
+        "params": engine.count_params(best), "device": str(device), "world_size": stage.dist.world_size,
+        "amp": str(engine.amp_dtype(cfg.finetune.amp, device) or "off"), "probe": state["probe"],
+        "history": state["history"], "best_epoch": state["best_epoch"], "selected": selected,
+        "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"], "val": val, "test": test,
+        "train_seconds": state["train_seconds"],
+    }
+    artifacts.write_json(stage.dir / "metrics.json", metrics)
+    plots = _plots(state["history"], test, classes, stage.dir) if state["history"] else []
+    stage.finish(["teacher.pt", "metrics.json", *plots], {"train_seconds": state["train_seconds"]},
+                 config_hash=chash, inputs=inputs)
+    for leftover in ("checkpoint.pt", "best.pt"):  # the manifest now marks the stage done
+        (stage.dir / leftover).unlink(missing_ok=True)
+    stage.log(f"wrote {stage.dir}/teacher.pt, metrics.json, curves.png, confusion.png")
+    return {"test_accuracy": test["accuracy"], "val_accuracy": val["accuracy"], "strategy": strategy}

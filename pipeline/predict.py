@@ -29,10 +29,14 @@ class Predictor:
         self.card = read_card_from_session(self.session)
         self.labels = self.card["labels"]
         self.input_name = self.session.get_inputs()[0].name
+        batch = self.session.get_inputs()[0].shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) else None
 
     def logits(self, images) -> np.ndarray:
-        """images: paths, bytes or PIL images -> [N, C] logits."""
+        """images: paths, bytes or PIL images -> [N, C] logits (one image per call for fixed batch-1 phone files)."""
         x = np.stack([preprocess(im, self.card["preprocessing"]) for im in images]).astype(np.float32)
+        if self.fixed_batch == 1:
+            return np.concatenate([self.session.run(None, {self.input_name: x[i:i + 1]})[0] for i in range(len(x))])
         return self.session.run(None, {self.input_name: x})[0]
 
     def predict(self, images, k: int = 5) -> list[list[dict]]:

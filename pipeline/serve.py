@@ -1,104 +1,58 @@
 """The serve stage: `python -m pipeline serve` / `make serve` starts the BentoML server over run.dir/export.
 
-It only resolves WHICH exported model to serve and hands the config to `bentoml serve
-serving.service:ImageClassifier` through EDGEPIPE_* environment variables (see serving/settings.py);
-the service itself lives in serving/service.py. Torch-free: the Bento imports resolve_model() from here.
+It only resolves WHICH exported model to serve, parses the `serve` section with the server's own
+parser (serving.settings.from_values: a bad value fails here, naming serve.<key>) and hands it to
+`bentoml serve serving.service:ImageClassifier` as EDGEPIPE_* variables; the service lives in
+serving/service.py and never imports this module (nor pipeline.config).
 
-Model choice (serve.model):
-- auto: model.json `recommended[provider]`, provider = cuda when onnxruntime can really use a GPU
-  (and run.device is not cpu), else cpu;
-- int8 | fp32: that file of model.json `files`;
-- a path to an .onnx/.ort file: exactly that file.
+Model choice (serve.model): auto | int8 | fp32 (from run.dir/export/model.json, see
+serving.model_files) or a path to an export folder or an .onnx/.ort file.
+
+The server dies with this process whatever signal ends it (serving.lifetime): SIGINT/SIGTERM/SIGHUP/
+SIGQUIT are forwarded, and a SIGKILL of this process (or of its whole group) sends the server SIGTERM
+through PR_SET_PDEATHSIG, and its worker SIGKILL.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SERVICE = "serving.service:ImageClassifier"
-MODEL_SUFFIXES = (".onnx", ".ort")
-
-
 from pipeline.config import ConfigError
+from serving import launcher
+from serving.model_files import ModelSpecError, resolve_model
+from serving.settings import SettingsError, from_values, to_environ
 
-
-def _missing(where: Path, what: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"{what} not found in {where}; run `make export` (python -m pipeline export) with the same "
-        f"CONFIG/ARGS first, or set serve.model=/path/to/model.onnx")
-
-
-def provider_for(device: str = "auto") -> str:
-    """'cuda' when sessions will run on the GPU, else 'cpu' (the key of model.json `recommended`)."""
-    if device == "cpu":
-        return "cpu"
-    from pipeline.runtime import cuda_usable
-
-    return "cuda" if cuda_usable() else "cpu"
-
-
-def resolve_model(spec: str | os.PathLike, variant: str = "auto", device: str = "auto") -> tuple[Path, dict]:
-    """A model file or an export folder -> (model file, info dict with variant/provider/card path).
-
-    Raises FileNotFoundError (naming `make export`) or ConfigError with a message fit for a person.
-    """
-    path = Path(spec)
-    if path.is_file():
-        if path.suffix not in MODEL_SUFFIXES:
-            raise ConfigError(f"{path} is not an ONNX model (.onnx or .ort)")
-        return path.resolve(), {"variant": "file", "provider": provider_for(device), "card": None}
-    if not path.is_dir():
-        if path.suffix in MODEL_SUFFIXES:
-            raise _missing(path.parent, f"model file {path.name}")
-        raise _missing(path, "the export folder")
-    card_path = path / "model.json"
-    if not card_path.exists():
-        singles = sorted(p for p in path.iterdir() if p.suffix in MODEL_SUFFIXES)
-        if len(singles) == 1:   # a hand-made folder with exactly one model
-            return singles[0].resolve(), {"variant": "file", "provider": provider_for(device), "card": None}
-        raise _missing(path, "model.json (the exported model card)")
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{card_path} is unreadable ({e}); rerun `make export ARGS=--force`") from None
-    files = card.get("files") or {}
-    provider = provider_for(device)
-    chosen = variant
-    if variant == "auto":
-        chosen = (card.get("recommended") or {}).get(provider) or ("int8" if files.get("int8") else "fp32")
-    if chosen not in ("int8", "fp32", "fp16") and chosen not in files:
-        raise ConfigError(f"serve.model must be auto, int8, fp32 or a path to a model file, got {variant!r}")
-    name = files.get(chosen)
-    if not name:
-        raise _missing(path, f"the {chosen} model (model.json files.{chosen} is empty: export did not "
-                             f"write it; use serve.model=fp32 or re-export)")
-    file = path / name
-    if not file.exists():
-        raise _missing(path, f"{name} (listed in model.json)")
-    return file.resolve(), {"variant": chosen, "provider": provider, "card": str(card_path.resolve())}
+REPO_ROOT = launcher.REPO_ROOT
+SERVICE = launcher.SERVICE
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def _resolve_for_cfg(cfg) -> tuple[Path, dict]:
     choice = cfg.serve.model
-    if choice in ("auto", "int8", "fp32"):
-        return resolve_model(cfg.run_dir / "export", choice, cfg.run.device)
-    return resolve_model(choice, "auto", cfg.run.device)
+    try:
+        if choice in ("auto", "int8", "fp32"):
+            return resolve_model(cfg.run_dir / "export", choice, cfg.run.device)
+        return resolve_model(choice, "auto", cfg.run.device)
+    except ModelSpecError as e:
+        raise ConfigError(str(e)) from None
+
+
+def serve_settings(cfg):
+    """cfg.serve through the server's parser and checks (ConfigError naming serve.<key>)."""
+    values = dataclasses.asdict(cfg.serve) if dataclasses.is_dataclass(cfg.serve) else dict(vars(cfg.serve))
+    try:
+        return from_values(values)
+    except SettingsError as e:
+        raise ConfigError(str(e)) from None
 
 
 def service_env(cfg, model_file: Path) -> dict[str, str]:
     """EDGEPIPE_* variables carrying the serve section to the service process."""
-    env = {f"EDGEPIPE_{k.upper()}": str(v) for k, v in vars(cfg.serve).items()
-           if k not in ("model", "stage_for_bento") and v is not None}
-    env["EDGEPIPE_MODEL"] = str(model_file)
-    env["EDGEPIPE_DEVICE"] = cfg.run.device
-    env["EDGEPIPE_HOST"] = cfg.serve.host
-    return env
+    return to_environ(serve_settings(cfg), model_file, cfg.run.device)
 
 
 def stage_for_bento(cfg, dest: Path | None = None) -> dict:
@@ -132,26 +86,21 @@ def stage_for_bento(cfg, dest: Path | None = None) -> dict:
 
 
 def run(cfg, force: bool = False) -> dict:
-    """Start `bentoml serve` in the foreground (Ctrl-C / SIGTERM are forwarded) and return when it exits."""
+    """Start `bentoml serve` in the foreground (signals are forwarded) and return when it exits."""
     if getattr(cfg.serve, "stage_for_bento", False):
         return stage_for_bento(cfg)
     model_file, info = _resolve_for_cfg(cfg)
-    env = {**os.environ, **service_env(cfg, model_file)}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    bentoml_exe = Path(sys.executable).with_name("bentoml")
-    cmd = ([str(bentoml_exe)] if bentoml_exe.exists() else [sys.executable, "-m", "bentoml"]) + [
-        "serve", SERVICE, "--host", cfg.serve.host, "--port", str(cfg.serve.port),
-        "--working-dir", str(REPO_ROOT)]
+    env = service_env(cfg, model_file)
     print(f"[serve] model {model_file} ({info['variant']}, provider {info['provider']})")
     print(f"[serve] http://{cfg.serve.host}:{cfg.serve.port}  (POST /classify, POST /model_card, "
           f"GET /readyz /livez /metrics); Ctrl-C stops")
-    proc = subprocess.Popen(cmd, env=env, cwd=str(REPO_ROOT))
+    proc = launcher.launch(env, cfg.serve.host, cfg.serve.port)
 
     def forward(signum, _frame):
         if proc.poll() is None:
             proc.send_signal(signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
         while True:
             try:

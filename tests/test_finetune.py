@@ -100,7 +100,7 @@ def test_resume_mid_epoch_gives_the_same_weights(make_config, tmp_path, monkeypa
     with pytest.raises(Interrupt):
         finetune.run(cfg)
     ckpt = engine.load_checkpoint(cfg.run_dir / "finetune" / "checkpoint.pt")
-    assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
+    assert (ckpt["state"]["epoch"], ckpt["state"]["step"]) == (1, 2)
     assert not (cfg.run_dir / "finetune" / "manifest.json").exists()
     monkeypatch.setattr(engine, "train_one_epoch", real)
     finetune.run(cfg)
@@ -168,11 +168,34 @@ def test_partial_freezes_the_first_blocks():
     assert any(not m.training for m in bns) and any(m.training for m in bns)
 
 
-def test_auto_strategy_follows_images_per_class():
-    assert finetune.resolve_strategy("auto", [10, 12, 15]) == "linear_probe"
-    assert finetune.resolve_strategy("auto", [100, 200, 300]) == "two_phase"
-    assert finetune.resolve_strategy("auto", [5000, 4000, 3000]) == "full"
-    assert finetune.resolve_strategy("partial", [10]) == "partial"
+def test_auto_strategy_follows_data_size_and_similarity():
+    assert finetune.resolve_strategy("auto", [10, 12, 15], 0.9)[0] == "linear_probe"
+    assert finetune.resolve_strategy("auto", [5000, 4000, 3000], 0.2)[0] == "full"
+    similar, regime = finetune.resolve_strategy("auto", [200, 240, 250], 0.95)
+    different, regime2 = finetune.resolve_strategy("auto", [200, 240, 250], 0.3)
+    assert similar == different == "partial"
+    assert regime["domain"] == "similar" and regime["frozen_fraction"] > regime2["frozen_fraction"]  # earlier layers train
+    assert "similar" in regime["why"] and "different" in regime2["why"]
+    assert finetune.resolve_strategy("partial", [10])[0] == "partial"
+    phases = finetune.plan_phases("partial", make_cfg_ft(), regime, n_blocks=9)
+    assert phases == [{"name": "partial", "epochs": 6, "frozen_blocks": 6}]
+
+
+def make_cfg_ft():
+    from pipeline.config import FinetuneConfig
+
+    return FinetuneConfig()
+
+
+def test_auto_finetune_starts_from_the_probe_and_records_the_regime(make_config):
+    cfg = make_config("finetune.strategy=auto", "finetune.epochs=1")
+    out = finetune.run(cfg)
+    m = json.loads((cfg.run_dir / "finetune" / "metrics.json").read_text())
+    assert m["strategy"] == out["strategy"] and m["regime"]["why"] and m["regime"]["similarity"] is not None
+    assert 0 <= m["probe"]["selection_accuracy"] <= 1 and m["probe"]["C"] > 0
+    # the probe is the first candidate: the teacher is at least as good as the probe on the selection split
+    assert m["val_accuracy"] >= m["probe"]["selection_accuracy"] - 1e-9
+    assert m["split_roles"]["selection"]["images"] == m["splits"]["val"]
 
 
 def test_warmup_cosine_schedule_shape():

@@ -95,10 +95,36 @@ def test_split_is_stratified_saved_and_stable(make_config):
     assert other.train != a.train
 
 
-def test_presplit_folders_without_test_use_val_and_say_so(tmp_path, make_config):
-    root = make_imagefolder(tmp_path / "pre", per_class=5, splits=("train", "val"))
+def test_presplit_train_val_selects_on_a_carve_of_train_and_reports_on_val(tmp_path, make_config):
+    root = make_imagefolder(tmp_path / "pre", per_class=10, splits=("train", "val"))
+    cfg = make_config("data.selection_fraction=0.2", data_root=root)
+    info = prepare_data(cfg)
+    val_folder = sorted(str(p) for p in (root / "val").rglob("*.png"))
+    assert sorted(p for p, _ in info.test) == val_folder       # reported on val/, which no decision sees
+    assert len(info.val) == 6 and len(info.train) == 24        # 2 of 10 per class carved from train/ for selection
+    assert {p for p, _ in info.val}.isdisjoint(p for p, _ in info.train)
+    assert sorted(y for _, y in info.val) == [0, 0, 1, 1, 2, 2]  # stratified
+    assert not info.test_is_val and info.describe()["report"] == {"split": "val/", "images": 30}
+    assert prepare_data(cfg).val == info.val                   # the same carve on every call, stage and rank
+
+
+def test_presplit_train_val_test_selects_on_val_and_reports_on_test(tmp_path, make_config):
+    root = make_imagefolder(tmp_path / "pre3", per_class=4, splits=("train", "val", "test"))
     info = prepare_data(make_config(data_root=root))
-    assert info.test_is_val and info.test == info.val and len(info.train) == 15
+    assert len(info.train) == 12 and all("/val/" in p for p, _ in info.val) and all("/test/" in p for p, _ in info.test)
+
+
+def test_dataset_presets_give_photos_photo_settings_and_digits_their_own(tmp_path):
+    photos = load_config(ROOT / "configs" / "default.yaml", ["data.root=/some/photos"])
+    assert photos.data.image_size is None and photos.data.crop_pct is None       # the model's native size and crop
+    assert photos.data.hflip is True and photos.data.rotation == 0 and photos.finetune.strategy == "auto"
+    digits = load_config(ROOT / "configs" / "default.yaml")
+    assert digits.data.image_size == 64 and digits.data.hflip is False and digits.finetune.strategy == "two_phase"
+    # the user's own settings win over the preset, from the file or the command line
+    assert load_config(ROOT / "configs" / "default.yaml", ["data.hflip=true"]).data.hflip is True
+    y = tmp_path / "mine.yaml"
+    y.write_text("data:\n  root: builtin:digits\n  image_size: 48\n")
+    assert load_config(y).data.image_size == 48 and load_config(y).data.rotation == 10
 
 
 @pytest.mark.parametrize("setup, message", [

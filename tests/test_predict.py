@@ -102,13 +102,24 @@ def test_predictor_imports_nothing_heavy():
 
 
 def test_text_output_bad_images_and_bad_models(model_files):
+    from serve_utils import png_bytes, webp_broken_exif
+
     bad = model_files["dir"] / "truncated.png"
     bad.write_bytes(Path(model_files["images"][0]).read_bytes()[:60])
-    out = predict_cli(model_files["onnx"], model_files["images"][0], bad, "--top-k", "2")
+    # the decoder crashes (struct.error in EXIF, a 100000x1 PNG) are clear errors here too
+    exif = model_files["dir"] / "broken_exif.webp"
+    exif.write_bytes(webp_broken_exif())
+    strip = model_files["dir"] / "strip.png"
+    strip.write_bytes(png_bytes(100_000, 1))
+    out = predict_cli(model_files["onnx"], model_files["images"][0], bad, exif, strip, model_files["dir"] / "nope.jpg",
+                      "--top-k", "2")
     assert out.returncode == 1
     first = out.stdout.strip().splitlines()
     assert len(first) == 1 and first[0].startswith(model_files["images"][0] + ": ") and first[0].count(",") == 1
-    assert "truncated.png: error:" in out.stderr
+    assert "truncated.png: error:" in out.stderr and "Traceback" not in out.stderr
+    assert "broken_exif.webp: error: the image could not be decoded" in out.stderr
+    assert "strip.png: error: the image is 100000x1, an aspect ratio" in out.stderr
+    assert "nope.jpg: error: cannot read" in out.stderr
     # an ONNX file without the export stage's metadata: a clear error, exit 2
     plain = model_files["dir"] / "plain.onnx"
     proto = onnx.load(str(model_files["onnx"]))

@@ -1,73 +1,32 @@
 """Integration: a real `bentoml serve` subprocess on a free loopback port, real HTTP, stopped by its PID.
 
 One server for the whole module (started once, ~5 s); every request below must leave it up.
+Hostile input, slow clients, the BentoML client and process lifetime: tests/test_serve_hostile.py.
 """
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from serve_utils import bad_inputs, make_tiny_export, odd_images, offline_probs, photo, encode
+from serve_utils import bad_inputs, encode, make_tiny_export, odd_images, offline_probs, photo, running_server
 
-REPO = Path(__file__).resolve().parent.parent
 MAX_BODY_MB = 1.0
 MAX_PIXELS = 1_000_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve_http")
     export = make_tiny_export(tmp / "export")
-    port = _free_port()
-    env = {**os.environ, "EDGEPIPE_MODEL": str(export), "EDGEPIPE_MAX_BODY_MB": str(MAX_BODY_MB),
-           "EDGEPIPE_MAX_PIXELS": str(MAX_PIXELS), "EDGEPIPE_THREADS": "1",
-           "BENTOML_HOME": str(tmp / "bentoml_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
-           "BENTOML_DO_NOT_TRACK": "True"}
-    log = open(tmp / "server.log", "wb")
-    exe = Path(sys.executable).with_name("bentoml")
-    proc = subprocess.Popen([str(exe), "serve", "serving.service:ImageClassifier", "--host", "127.0.0.1",
-                             "--port", str(port), "--working-dir", str(REPO)],
-                            env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, f"server died: {(tmp / 'server.log').read_text()[-3000:]}"
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server not ready in 60 s"
-            time.sleep(0.25)
-        yield {"url": url, "proc": proc, "export": export, "log": tmp / "server.log"}
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)   # the process group: bentoml's arbiter and its worker
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        log.close()
+    with running_server(export, tmp, max_body_mb=MAX_BODY_MB, max_pixels=MAX_PIXELS) as srv:
+        yield srv
 
 
 def _alive(server):
@@ -147,7 +106,7 @@ def test_bad_requests_get_4xx(server):
     _assert_4xx(_post(server, content=b""), 415, "content-type")
     _assert_4xx(_post(server, content=b"", headers={"Content-Type": "image/png"}), 400, "empty")
     _assert_4xx(_post(server, content=b"k=3", headers={"Content-Type": "application/x-www-form-urlencoded"}),
-                415)
+                400, "file upload", "multipart")
     # malformed multipart
     _assert_4xx(_post(server, content=b"--xx\r\ngarbage",
                       headers={"Content-Type": "multipart/form-data; boundary=xx"}), 400, "multipart")

@@ -1,0 +1,129 @@
+"""The skeleton every stage shares: setup, the up-to-date check, upstream integrity, start, finish.
+
+    stage = Stage.open(cfg, "compress")                  # devices/DDP, threads, folder, rank-0 logging
+    teacher_sha = stage.require("finetune", ["teacher.pt"])   # upstream manifest + sha256, or a clear error
+    if stage.up_to_date(config_hash, inputs, force): return stage.skipped()
+    stage.start()                                        # previous outputs set aside, manifest removed
+    ...                                                  # the stage's recipe
+    stage.finish(outputs, timings, extra)                # config.json + manifest.json, written last
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import artifacts
+
+COMMANDS = {"finetune": "make finetune", "compress": "make compress", "export": "make export"}
+
+
+class StageError(RuntimeError):
+    """A stage can't run on what it was given (missing or changed upstream artifacts); says what to run."""
+
+
+@dataclass
+class Stage:
+    name: str
+    cfg: object
+    dir: Path
+    dist: object = None
+    device: object = None
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def open(cls, cfg, name: str, distributed: bool = True) -> "Stage":
+        from pipeline import engine
+
+        if distributed:
+            dist, device = engine.setup_run(cfg.run)
+        else:  # export runs once, on the CPU it measures, whatever launched it
+            dist, device = engine.DistInfo(), engine.resolve_device("cpu")
+            engine.set_threads(cfg.run.threads)
+        stage = cls(name=name, cfg=cfg, dir=cfg.run_dir / name, dist=dist, device=device)
+        if dist.is_main:
+            stage.dir.mkdir(parents=True, exist_ok=True)
+        return stage
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            print(f"[{self.name}] {msg}", flush=True)
+
+    def warn(self, msg: str) -> None:
+        self.log("!" * 78 + f"\n[{self.name}] WARNING: {msg}\n[{self.name}] " + "!" * 78)
+
+    def require(self, upstream: str, files: list[str]) -> dict[str, str]:
+        """sha256 of each upstream file, checked against the upstream stage's manifest.
+
+        A missing manifest (the stage never finished, or is rerunning) or a file that changed since it
+        was written is an error naming the command to run: nothing is built on stale or partial inputs.
+        """
+        up_dir = self.cfg.run_dir / upstream
+        command = f"{COMMANDS.get(upstream, upstream)} (same CONFIG/ARGS, run.dir={self.cfg.run.dir})"
+        manifest = up_dir / artifacts.MANIFEST
+        if not manifest.exists():
+            raise StageError(f"{manifest} is missing: the {upstream} stage has not finished (or is running). "
+                             f"Run `{command}` first")
+        recorded = artifacts.read_json(manifest).get("outputs", {})
+        out = {}
+        for name in files:
+            path = up_dir / name
+            if not path.exists():
+                raise StageError(f"{path} is missing although {upstream} finished: run `{command}` again")
+            digest = artifacts.sha256_file(path)
+            if recorded.get(name) != digest:
+                raise StageError(f"{path} changed after the {upstream} stage wrote it (sha256 differs from its "
+                                 f"manifest). Run `{command}` again to rebuild it")
+            out[name] = digest
+        return out
+
+    def resume_or_restart(self, ckpt: dict | None, is_valid) -> dict | None:
+        """The checkpoint if it is this run's (is_valid(ckpt)) on every rank, else None on every rank: ranks that
+        resumed different epochs would wait on each other forever."""
+        from pipeline import engine
+
+        ok = ckpt is not None and is_valid(ckpt)
+        if ckpt is not None and not ok:
+            self.log("checkpoint is from another config, data, teacher or world size: starting over")
+        return ckpt if engine.agree_on_resume(ok) else None
+
+    def up_to_date(self, config_hash: str, inputs: dict, force: bool) -> bool:
+        current = not force and artifacts.manifest_is_current(self.dir, config_hash, inputs)
+        if current:
+            self.log(f"up to date, skipping ({self.dir / artifacts.MANIFEST}; use --force to rerun)")
+        return current
+
+    def skipped(self) -> dict:
+        return {"skipped": True, "stage_dir": str(self.dir)}
+
+    def start(self, resuming: bool = False) -> None:
+        """Remove the manifest; unless resuming from this stage's own matching checkpoint, set every previous
+        output aside (into .previous/, deleted when the stage finishes), so that no mix of old and new files
+        can ever look current."""
+        from pipeline import engine
+
+        engine.barrier()
+        if self.is_main:
+            artifacts.invalidate(self.dir)
+            if not resuming:
+                aside = self.dir / ".previous"
+                shutil.rmtree(aside, ignore_errors=True)
+                for path in list(self.dir.iterdir()):
+                    if not path.name.startswith("."):
+                        aside.mkdir(exist_ok=True)
+                        path.rename(aside / path.name)
+        engine.barrier()
+
+    def finish(self, outputs: list[str], timings: dict | None = None, extra: dict | None = None,
+               config_hash: str = "", inputs: dict | None = None) -> dict:
+        artifacts.write_json(self.dir / "config.json", self.cfg.to_dict())
+        timings = {"total_seconds": round(time.perf_counter() - self.t_start, 2), **(timings or {})}
+        manifest = artifacts.write_manifest(self.dir, self.name, config_hash, inputs or {},
+                                            sorted(set(outputs) | {"config.json"}), timings, extra)
+        shutil.rmtree(self.dir / ".previous", ignore_errors=True)
+        return manifest

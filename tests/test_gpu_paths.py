@@ -1,0 +1,678 @@
+"""GPU and multi-GPU paths (issue 15), checked on the CPU: mocked torch.cuda / ONNX Runtime providers /
+CUDA_VISIBLE_DEVICES, two gloo processes, and parses of pyproject, bentofile and the Makefile.
+
+Every test is CPU-only and deterministic; the whole file runs in well under a minute.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline import engine, runtime
+from pipeline.config import ConfigError, load_config, parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- #6 off/on in the config
+
+def test_off_and_on_reach_string_keys_as_words():
+    cfg = load_config(None, ["finetune.amp=off", "compress.amp=off", "finetune.channels_last=on",
+                             "compress.channels_last=off"])
+    assert (cfg.finetune.amp, cfg.compress.amp) == ("off", "off")
+    assert (cfg.finetune.channels_last, cfg.compress.channels_last) == ("on", "off")
+    assert parse_override("finetune.amp=off") == {"finetune": {"amp": "off"}}
+    assert engine.amp_dtype(cfg.finetune.amp, torch.device("cpu")) is None
+
+
+def test_off_and_on_in_a_yaml_file_and_for_boolean_keys(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("finetune:\n  amp: off\n  channels_last: on\nrun:\n  progress: off\n  sync_bn: yes\n"
+                 "data:\n  hflip: no\n")
+    cfg = load_config(y, ["run.tf32=off", "finetune.lr=1e-3"])
+    assert (cfg.finetune.amp, cfg.finetune.channels_last) == ("off", "on")
+    assert (cfg.run.progress, cfg.run.sync_bn, cfg.data.hflip, cfg.run.tf32) == (False, True, False, False)
+    assert cfg.finetune.lr == 0.001  # YAML 1.2 float, was the string "1e-3"
+    with pytest.raises(ConfigError, match="finetune.amp must be one of"):
+        load_config(None, ["finetune.amp=on"])
+    with pytest.raises(ConfigError, match="run.progress must be true or false"):
+        load_config(None, ["run.progress=maybe"])
+    with pytest.raises(ConfigError, match="run.lr_scaling must be one of"):
+        load_config(None, ["run.lr_scaling=cubic"])
+    with pytest.raises(ConfigError, match="run.grad_accum_steps"):
+        load_config(None, ["run.grad_accum_steps=0"])
+
+
+# ----------------------------------------------------------------------------- #7 AMP auto
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """torch.cuda as seen by a process with `count` visible GPUs of compute capability `cap`."""
+    def install(count=1, cap=(8, 0), name="Fake GPU"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what emulation reports
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    return install
+
+
+@pytest.mark.parametrize("cap, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                           ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_amp_auto_picks_bf16_only_with_native_bf16(fake_gpu, cap, expected):
+    fake_gpu(cap=cap)  # V100 7.0, T4 7.5: is_bf16_supported() says True (emulated), auto must still pick fp16
+    cuda = torch.device("cuda", 0)
+    assert engine.amp_dtype("auto", cuda) == expected
+    assert engine.amp_dtype("fp16", cuda) == torch.float16
+    assert engine.amp_dtype("off", cuda) is None
+    assert engine.amp_dtype("auto", torch.device("cpu")) is None
+
+
+def test_explicit_bf16_on_emulating_gpu_warns(fake_gpu):
+    fake_gpu(cap=(7, 0), name="Tesla V100")
+    with pytest.warns(UserWarning, match="emulated"):
+        assert engine.amp_dtype("bf16", torch.device("cuda", 0)) == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- #10 device resolution
+
+def test_one_visible_gpu_per_process_uses_cuda0(fake_gpu, monkeypatch):
+    fake_gpu(count=1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # SLURM / k8s: this process sees only its own GPU
+    assert engine.resolve_device("auto", local_rank=3, world_size=8, local_world_size=4) == torch.device("cuda", 0)
+    assert engine.resolve_device("cuda", local_rank=3, world_size=8) == torch.device("cuda", 0)
+    assert engine.resolve_device("cuda:0", local_rank=3, world_size=8) == torch.device("cuda", 0)
+
+
+def test_several_visible_gpus_use_local_rank(fake_gpu, monkeypatch):
+    fake_gpu(count=4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert engine.resolve_device("auto", local_rank=2, world_size=4) == torch.device("cuda", 2)
+    assert engine.resolve_device("cuda:3") == torch.device("cuda", 3)  # one process: an explicit GPU is fine
+    with pytest.raises(RuntimeError, match="every rank would train on GPU 0"):
+        engine.resolve_device("cuda:0", local_rank=2, world_size=4)  # torchrun + an explicit index
+    with pytest.raises(RuntimeError, match="sees 4 GPU"):
+        engine.resolve_device("cuda:5")
+
+
+def test_more_processes_than_gpus_is_an_error(fake_gpu, monkeypatch):
+    fake_gpu(count=2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(RuntimeError, match="nproc_per_node=2"):
+        engine.resolve_device("auto", local_rank=3, world_size=4)
+    fake_gpu(count=1)
+    with pytest.raises(RuntimeError, match="2 processes on this node but only 1 GPU"):
+        engine.resolve_device("auto", local_rank=1, world_size=2, local_world_size=2)
+
+
+def test_no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engine.resolve_device("auto", local_rank=1, world_size=2) == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="no usable GPU"):
+        engine.resolve_device("cuda")
+
+
+def test_init_distributed_single_process_binds_its_gpu(fake_gpu, monkeypatch):
+    fake_gpu(count=1)
+    bound = []
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    info, device = engine.init_distributed("auto", timeout_s=30)
+    assert (info.world_size, device, bound) == (1, torch.device("cuda", 0), [torch.device("cuda", 0)])
+
+
+def test_configure_cuda_leaves_cpu_alone_and_sets_flags_on_cuda():
+    assert engine.configure_cuda(torch.device("cpu")) == {}
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = (torch.backends.cudnn.benchmark, matmul.fp32_precision, conv.fp32_precision)
+    try:
+        assert engine.configure_cuda(torch.device("cuda", 0), cudnn_benchmark=True, tf32=True)
+        assert (torch.backends.cudnn.benchmark, matmul.fp32_precision, conv.fp32_precision) == (True, "tf32", "tf32")
+        engine.configure_cuda(torch.device("cuda", 0), cudnn_benchmark=False, tf32=False)
+        assert (torch.backends.cudnn.benchmark, matmul.fp32_precision, conv.fp32_precision) == (False, "ieee", "ieee")
+    finally:
+        torch.backends.cudnn.benchmark, matmul.fp32_precision, conv.fp32_precision = saved
+
+
+# ----------------------------------------------------------------------------- #8, #9 ONNX Runtime on CUDA
+
+class _FakeSession:
+    """An InferenceSession whose CUDA provider did (or did not) load."""
+    cuda_loads = False
+    created: list = []
+
+    def __init__(self, model, sess_options=None, providers=None):
+        self.providers = providers
+        _FakeSession.created.append(providers)
+
+    def get_providers(self):
+        names = [p[0] if isinstance(p, tuple) else p for p in self.providers]
+        return names if self.cuda_loads else [n for n in names if n != runtime.CUDA]
+
+    def get_inputs(self):
+        return [type("I", (), {"name": "x"})()]
+
+    def run(self, outputs, feeds):
+        return [np.zeros((len(feeds["x"]), 2), np.float32)]
+
+
+@pytest.fixture
+def fake_ort(monkeypatch):
+    import onnxruntime as ort
+
+    def install(cuda_loads: bool):
+        monkeypatch.setattr(ort, "get_available_providers", lambda: [runtime.CUDA, runtime.CPU])
+        monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
+        monkeypatch.setattr(runtime, "_driver_sees_gpu", lambda: True)
+        monkeypatch.setattr(runtime, "_preload_cuda_libraries", lambda ort: None)
+        monkeypatch.setattr(runtime, "_cuda_failed", False)
+        monkeypatch.setattr(runtime, "_warned", set())
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        monkeypatch.setattr(_FakeSession, "cuda_loads", cuda_loads)
+        _FakeSession.created = []
+        runtime._cuda_probe.cache_clear()
+    yield install
+    runtime._cuda_probe.cache_clear()
+
+
+def test_cuda_provider_that_does_not_load_is_not_usable(fake_ort, tmp_path):
+    fake_ort(cuda_loads=False)  # onnxruntime-gpu lists CUDA, the session silently falls back to the CPU
+    assert runtime.cuda_usable() is False
+    with pytest.raises(RuntimeError, match="cannot use a GPU"):
+        runtime.make_session(tmp_path / "m.onnx", device="cuda")
+    assert runtime.providers_for("auto") == [runtime.CPU]
+
+
+def test_device_cuda_fails_loudly_when_the_session_falls_back(fake_ort, monkeypatch, tmp_path):
+    fake_ort(cuda_loads=True)
+    assert runtime.cuda_usable() is True
+    monkeypatch.setattr(_FakeSession, "cuda_loads", False)  # the probe worked, this model's session did not
+    with pytest.raises(RuntimeError, match="device=cuda: onnxruntime fell back"):
+        runtime.make_session(tmp_path / "m.onnx", device="cuda")
+    with pytest.warns(RuntimeWarning, match="serving on the CPU"):
+        sess = runtime.make_session(tmp_path / "m.onnx", device="auto")
+    assert runtime.session_device(sess) == "cpu"
+    assert runtime.cuda_usable() is False  # auto stops asking for CUDA in this process
+
+
+def test_cuda_sessions_get_provider_options_for_adaptive_batching(fake_ort, tmp_path):
+    fake_ort(cuda_loads=True)
+    sess = runtime.make_session(tmp_path / "m.onnx", device="cuda:1")
+    name, options = sess.providers[0]
+    assert name == runtime.CUDA and sess.providers[1] == runtime.CPU
+    assert options["cudnn_conv_algo_search"] == "HEURISTIC"  # not EXHAUSTIVE: no per-shape benchmark stall
+    assert options["arena_extend_strategy"] == "kSameAsRequested"
+    assert options["device_id"] == "1"
+    assert runtime.session_device(sess) == "cuda"
+    assert runtime.warm_up_sizes(8, on_cuda=True) == list(range(1, 9))  # every size batching can form
+    assert sorted(runtime.warm_up(sess, (3, 4, 4), max_batch_size=8)) == list(range(1, 9))
+    with pytest.raises(ValueError):
+        runtime.cuda_provider_options(conv_algo_search="FAST")
+
+
+def test_real_onnxruntime_here_has_no_cuda_and_warm_up_runs_on_cpu(tmp_path):
+    runtime._cuda_probe.cache_clear()
+    assert runtime.cuda_usable() is False  # this machine has no GPU
+    with pytest.raises(RuntimeError):
+        runtime.make_session(tmp_path / "missing.onnx", device="cuda")
+    model = tmp_path / "probe.onnx"
+    model.write_bytes(runtime._PROBE_MODEL)
+    sess = runtime.make_session(model, device="auto")
+    assert runtime.session_device(sess) == "cpu"
+    assert sorted(runtime.warm_up(sess, (), max_batch_size=16)) == [1, 2, 16]
+
+
+def test_both_onnxruntime_builds_installed_is_reported(monkeypatch):
+    from importlib import metadata
+
+    real = metadata.distribution
+    monkeypatch.setattr(metadata, "distribution",
+                        lambda name: object() if name in ("onnxruntime", "onnxruntime-gpu") else real(name))
+    assert "overwrite each other" in runtime.check_single_ort_build()
+    monkeypatch.setattr(metadata, "distribution", real)
+    assert runtime.check_single_ort_build() is None  # this venv: the CPU build only
+
+
+# ----------------------------------------------------------------------------- #4 packaging, #5 Makefile
+
+def _requirement_names(reqs) -> set[str]:
+    return {re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0].lower() for r in reqs}
+
+
+def test_extras_never_require_both_onnxruntime_builds():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = _requirement_names(project["dependencies"])
+    extras = {k: _requirement_names(v) for k, v in project["optional-dependencies"].items()}
+    assert not base & {"onnxruntime", "onnxruntime-gpu"}, "the base install must not pick an ONNX Runtime build"
+    assert "onnxruntime" in extras["cpu"] and "onnxruntime-gpu" not in extras["cpu"]
+    assert "onnxruntime-gpu" in extras["gpu"] and "onnxruntime" not in extras["gpu"]
+    assert not extras["dev"] & {"onnxruntime", "onnxruntime-gpu"}
+
+
+def _make_n(*args, venv) -> str:
+    out = subprocess.run(["make", "-n", *args, f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_makefile_installs_one_build_and_switches_cleanly(tmp_path):
+    cpu = _make_n("install", venv=tmp_path / "venv")
+    assert '".[cpu,dev]"' in cpu and '".[gpu' not in cpu
+    gpu = _make_n("install", "GPU=1", venv=tmp_path / "venv")
+    assert '".[gpu,dev]"' in gpu
+    assert "pip show -q onnxruntime " in gpu and "uninstall -y -q onnxruntime onnxruntime-gpu" in gpu
+    # sticky: a venv installed with GPU=1 keeps the GPU build on a plain `make`
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / ".installed-gpu").touch()
+    os.utime(tmp_path / "venv" / ".installed-gpu", (time.time() + 3600,) * 2)
+    assert "[make] setting up" not in _make_n("test", venv=tmp_path / "venv")
+
+
+def test_export_runs_once_under_nproc_training_stages_under_torchrun(tmp_path):
+    venv = tmp_path / "venv"
+    assert "torchrun" not in _make_n("export", "NPROC=2", venv=venv)
+    assert "-m pipeline export" in _make_n("export", "NPROC=2", venv=venv)
+    assert "torchrun --standalone --nproc_per_node=2 -m pipeline finetune" in _make_n("finetune", "NPROC=2", venv=venv)
+    multi = _make_n("compress", "NPROC=8", "NNODES=2", "RDZV_ENDPOINT=node1:29400", venv=venv)
+    assert "--nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=node1:29400" in multi
+    assert "torchrun" not in _make_n("finetune", venv=venv)
+
+
+def test_bentofile_ships_exactly_one_onnxruntime_build():
+    import yaml
+
+    packages = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]["packages"]
+    names = _requirement_names(packages)
+    assert len(names & {"onnxruntime", "onnxruntime-gpu"}) == 1
+
+
+@pytest.mark.skipif(os.environ.get("EDGEPIPE_PIP_DRY_RUN") != "1",
+                    reason="resolves every dependency with pip (minutes, network); EDGEPIPE_PIP_DRY_RUN=1 to run")
+@pytest.mark.parametrize("extra, wanted, unwanted", [("gpu", "onnxruntime-gpu", "onnxruntime"),
+                                                     ("cpu", "onnxruntime", "onnxruntime-gpu")])
+def test_pip_resolution_of_each_extra(tmp_path, extra, wanted, unwanted):
+    import json
+
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q", "--report",
+                    str(report), f".[{extra},dev]"], cwd=ROOT, check=True, capture_output=True, timeout=1500)
+    names = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
+    assert wanted in names and unwanted not in names
+
+
+# ----------------------------------------------------------------------------- #15 fewer syncs, same results
+
+def _data(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _batches(x, y, bs):
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+
+
+def _loss(m, batch):
+    x, y = batch
+    logits = m(x)
+    return nn.functional.cross_entropy(logits, y), logits, y
+
+
+def _old_train_one_epoch(model, loader, optimizer, scheduler, compute_loss, grad_clip):
+    """The loop as it was before issue 15 (three GPU->CPU syncs per step), as the reference."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for batch in loader:
+        loss, logits, labels = compute_loss(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        n = labels.shape[0]
+        total_loss += loss.item() * n
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += n
+    return {"loss": total_loss / seen, "accuracy": correct / seen}
+
+
+@pytest.mark.parametrize("sync_every", [None, 4])  # None: the CPU default (every step); 4: the GPU path
+def test_train_one_epoch_is_bit_identical_to_the_old_loop(sync_every):
+    x, y = _data(40)
+    results = []
+    for new in (False, True):
+        model = _model()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, engine.warmup_decay_lambda(10, 2, "cosine"))
+        torch.manual_seed(1)
+        if new:
+            r = engine.train_one_epoch(model, _batches(x, y, 4), opt, sched, _loss, torch.device("cpu"), grad_clip=1.0,
+                                       progress=False, sync_every=sync_every)
+        else:
+            r = _old_train_one_epoch(model, _batches(x, y, 4), opt, sched, _loss, 1.0)
+        results.append((model.state_dict(), r))
+    (old_w, old_r), (new_w, new_r) = results
+    assert all(torch.equal(old_w[k], new_w[k]) for k in old_w)
+    assert (new_r["loss"], new_r["accuracy"]) == (old_r["loss"], old_r["accuracy"])
+
+
+def test_gpu_path_reads_the_device_only_every_n_steps(monkeypatch):
+    x, y = _data(80)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    calls = {"n": 0}
+    real_item, real_bool = torch.Tensor.item, torch.Tensor.__bool__
+
+    def item(self):
+        calls["n"] += 1
+        return real_item(self)
+
+    def as_bool(self):
+        calls["n"] += 1
+        return real_bool(self)
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    monkeypatch.setattr(torch.Tensor, "__bool__", as_bool)
+    r = engine.train_one_epoch(model, _batches(x, y, 4), opt, None, _loss, torch.device("cpu"), progress=False,
+                               sync_every=50)
+    assert r["steps"] == 20
+    assert calls["n"] <= 4  # one finiteness read at step 20... and at the end, loss and accuracy: not 3 x 20
+
+
+def test_nonfinite_loss_on_the_gpu_path_names_the_step_and_no_bad_checkpoint_is_written(tmp_path):
+    x, y = _data(40)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    path = tmp_path / "checkpoint.pt"
+
+    def loss_nan_at_2(m, batch, state={"i": 0}):
+        loss, logits, labels = _loss(m, batch)
+        state["i"] += 1
+        return (loss * float("nan") if state["i"] == 3 else loss), logits, labels
+    with pytest.raises(FloatingPointError, match="at step 2"):  # read at the end (sync_every 50 > 10 steps)
+        engine.train_one_epoch(model, _batches(x, y, 4), opt, None, loss_nan_at_2, torch.device("cpu"),
+                               progress=False, sync_every=50)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(FloatingPointError, match="non-finite weights"):  # a checkpoint every step (on_step)
+        engine.train_one_epoch(model, _batches(x, y, 4), opt, None,
+                               lambda m, b, s={"i": 0}: loss_nan_at_2(m, b, s), torch.device("cpu"), progress=False,
+                               sync_every=50, on_step=lambda step: engine.save_checkpoint(
+                                   path, model=model.state_dict(), step=step))
+    ckpt = engine.load_checkpoint(path)
+    assert ckpt["step"] == 2 and engine._all_finite(ckpt["model"])  # the last good state
+
+
+def test_gradient_accumulation_matches_the_large_batch_and_checkpoints_at_boundaries():
+    x, y = _data(16)
+    big, small = _model(), _model()
+    small.load_state_dict(big.state_dict())
+    for m in (big, small):
+        m.eval()  # no dropout: the two runs see the same function
+    opt_big = torch.optim.SGD(big.parameters(), lr=0.1)
+    opt_small = torch.optim.SGD(small.parameters(), lr=0.1)
+    engine.train_one_epoch(big, _batches(x, y, 8), opt_big, None, _loss, torch.device("cpu"), progress=False,
+                           train_mode=lambda m: None)
+    boundaries = []
+    r = engine.train_one_epoch(small, _batches(x, y, 4), opt_small, None, _loss, torch.device("cpu"), progress=False,
+                               train_mode=lambda m: None, accum_steps=2, on_step=boundaries.append)
+    assert boundaries == [2, 4] and r["steps"] == 4
+    for a, b in zip(big.parameters(), small.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # a last, shorter window still steps the optimizer and is scaled by its own size
+    odd, m = [], _model()
+    engine.train_one_epoch(m, _batches(*_data(20), 4), torch.optim.SGD(m.parameters(), lr=0.1), None,
+                           _loss, torch.device("cpu"), progress=False, accum_steps=2, on_step=odd.append)
+    assert odd == [2, 4, 5]
+
+
+# ----------------------------------------------------------------------------- #1 channels_last vs reload
+
+def test_cpu_copy_of_a_channels_last_model_matches_its_contiguous_reload():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    model.to(memory_format=torch.channels_last)
+    reloaded = copy.deepcopy(model)
+    reloaded.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
+    reloaded.to(memory_format=torch.contiguous_format)  # what load_model_artifact gives
+    copy_ = engine.cpu_copy(model)
+    assert all(p.is_contiguous() for p in copy_.parameters())
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)  # the original is untouched
+    x = torch.randn(4, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(copy_(x), reloaded(x))
+
+
+def test_unwrap_sees_through_torch_compile():
+    model = _model()
+    assert engine.unwrap(torch.compile(model)) is model  # lazy: nothing is compiled here
+
+
+# ----------------------------------------------------------------------------- #13 LR vs world size
+
+def test_scaled_lr_follows_timm():
+    assert engine.scaled_lr(0.002, 32, base_batch=32) == 0.002  # one process: unchanged
+    assert engine.scaled_lr(0.002, 256, base_batch=32, optimizer="adamw") == pytest.approx(0.002 * 8 ** 0.5)
+    assert engine.scaled_lr(0.1, 256, base_batch=32, optimizer="sgd") == pytest.approx(0.8)
+    assert engine.scaled_lr(0.1, 256, base_batch=32, rule="none") == 0.1
+    assert engine.scaled_lr(0.1, 64, base_batch=32, rule="sqrt", optimizer="sgd") == pytest.approx(0.1 * 2 ** 0.5)
+
+
+# ----------------------------------------------------------------------------- #14 loaders
+
+def test_normalize_on_device_equals_to_tensor_and_normalize():
+    from torchvision.transforms import v2
+
+    img = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ref = v2.Normalize(mean, std)(v2.ToDtype(torch.float32, scale=True)(img))
+    out = engine.normalize_on_device(img, mean, std, torch.device("cpu"))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert engine.loader_settings(torch.device("cuda"), 8) == {"pin_memory": True, "persistent_workers": True,
+                                                               "prefetch_factor": 4}
+    assert engine.loader_settings(torch.device("cpu"), 0)["persistent_workers"] is False
+
+
+# ----------------------------------------------------------------------------- #16 resume across devices
+
+def test_scaler_state_from_a_cpu_or_bf16_run_resumes_under_fp16():
+    saved = torch.amp.GradScaler("cpu", enabled=False).state_dict()  # CPU / bf16 / fp32 runs save {}
+    assert saved == {}
+    fp16 = torch.amp.GradScaler("cpu", enabled=True)
+    with pytest.raises(RuntimeError, match="empty"):
+        fp16.load_state_dict(saved)  # the defect
+    assert engine.restore_scaler(fp16, saved) is False  # a fresh scale instead
+    state = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0).state_dict()
+    assert engine.restore_scaler(torch.amp.GradScaler("cpu", enabled=False), state) is False  # fp16 -> bf16/CPU
+    fresh = torch.amp.GradScaler("cpu", enabled=True)
+    assert engine.restore_scaler(fresh, state) is True and fresh.get_scale() == 1024.0
+
+
+def test_checkpoint_from_a_gpu_run_resumes_on_the_cpu(tmp_path, fake_gpu, monkeypatch):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine.train_one_epoch(model, _batches(*_data(8), 4), opt, None, _loss, torch.device("cpu"), progress=False)
+    path = tmp_path / "checkpoint.pt"
+    engine.save_checkpoint(path, model=model.state_dict(), optimizer=opt.state_dict(), scaler={},
+                           **engine.checkpoint_meta(torch.device("cuda", 0), torch.bfloat16))
+    blob = torch.load(path, weights_only=True)
+    blob["rng"]["cuda"] = [torch.get_rng_state(), torch.get_rng_state()]  # as saved by a 2-GPU process
+    torch.save(blob, path)
+    ckpt = engine.load_checkpoint(path)
+    message = engine.resume_change(ckpt, torch.device("cpu"), None)
+    assert "written on cuda (amp bfloat16), resuming on cpu (amp off)" in message
+    assert engine.resume_change(ckpt, torch.device("cuda", 1), torch.bfloat16) is None
+    resumed = _model(seed=1)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(ckpt["optimizer"])
+    assert engine.restore_scaler(torch.amp.GradScaler("cpu", enabled=False), ckpt["scaler"]) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    engine.set_rng_state(ckpt["rng"])  # CUDA states ignored without CUDA
+    fake_gpu(count=1)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, i: restored.append(i))
+    engine.set_rng_state(ckpt["rng"])  # 2 saved GPU states, 1 GPU here: only that one
+    assert restored == [0]
+
+
+def test_load_checkpoint_missing_incompatible_and_io_errors(tmp_path, monkeypatch, capsys):
+    assert engine.load_checkpoint(tmp_path / "nope.pt") is None
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    assert engine.load_checkpoint(junk) is None
+    assert "not readable by this version" in capsys.readouterr().out
+    newer = tmp_path / "newer.pt"
+    torch.save({"format": engine.CHECKPOINT_FORMAT + 1, "model": {}}, newer)
+    assert engine.load_checkpoint(newer) is None
+    assert "format" in capsys.readouterr().out
+    ok = tmp_path / "ok.pt"
+    engine.save_checkpoint(ok, epoch=3)
+    assert engine.load_checkpoint(ok)["epoch"] == 3
+
+    def eio(path, map_location="cpu"):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(engine.artifacts, "torch_load", eio)
+    with pytest.raises(OSError, match="Input/output"):
+        engine.load_checkpoint(ok)  # transient: do not throw the run's progress away
+
+
+# ----------------------------------------------------------------------------- #2, #3, #11, #12: two gloo ranks
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, *args):
+    import torch.multiprocessing as mp
+
+    port = _free_port()
+    mp.spawn(fn, args=(port, *args), nprocs=2, join=True)
+
+
+def _init_rank(rank: int, port: int, timeout_s: float, out_dir: str):
+    # a stuck collective must fail this test, not hang it
+    threading.Timer(60, os._exit, [3]).start()
+    # start both ranks together, so a short process-group timeout measures the collectives, not the imports
+    Path(out_dir, f"up-{rank}").touch()
+    while not Path(out_dir, f"up-{1 - rank}").exists():
+        time.sleep(0.01)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    return engine.init_distributed("cpu", timeout_s=timeout_s)
+
+
+def _ranks_worker(rank: int, port: int, out_dir: str):
+    import torch.distributed as dist
+
+    out = Path(out_dir)
+    info, device = _init_rank(rank, port, 60, out_dir)
+    results = {}
+    # #11: the ranks disagree about their checkpoint -> nobody resumes; all agree -> everybody does
+    results["disagree"] = engine.agree_on_resume(rank == 0)
+    results["agree"] = engine.agree_on_resume(True)
+    # #11 at the root: rank 0 decides and sends its checkpoint; rank 1 has no file (no shared disk)
+    path = out / f"ckpt-rank{rank}.pt"
+    if rank == 0:
+        engine.save_checkpoint(path, model=OrderedDict(w=torch.arange(6.).view(2, 3), mask=torch.tensor([True, False])),
+                               epoch=2, history=[{"loss": 0.5}], config_hash="abc")
+    ckpt = engine.resume_checkpoint(path, is_valid=lambda c: c["config_hash"] == "abc")
+    results["resumed"] = (ckpt["epoch"], ckpt["model"]["w"].tolist(), ckpt["model"]["mask"].tolist(),
+                          type(ckpt["model"]).__name__, ckpt["history"])
+    results["rejected"] = engine.resume_checkpoint(path, is_valid=lambda c: False)
+    # #12: per-rank gradients made equal on every rank
+    grads = [torch.full((3,), float(rank)), None]
+    engine.all_reduce_mean(grads)
+    results["grads"] = grads[0].tolist()
+    # #2: work split over ranks, every rank gets the full, ordered result
+    results["shard_map"] = engine.shard_map(lambda v: v * v, list(range(7)))
+    # #3: sharded evaluation == single-process evaluation, on every rank
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3))
+    x, y = torch.randn(11, 6, generator=torch.Generator().manual_seed(3)), torch.arange(11) % 3
+    samples = list(range(11))
+
+    def make_loader(subset):
+        idx = torch.tensor(subset)
+        return [(x[idx[i:i + 4]], y[idx[i:i + 4]]) for i in range(0, len(idx), 4)]
+    sharded = engine.evaluate_sharded(model, samples, make_loader, device, 3)
+    single = engine.evaluate(model, make_loader(samples), device, 3)
+    results["eval_equal"] = (sharded["confusion"] == single["confusion"] and sharded["n"] == 11
+                             and abs(sharded["loss"] - single["loss"]) < 1e-6)
+    # DDP training with gradient accumulation (no_sync between boundaries): ranks end identical
+    m = engine.wrap_for_training(_model(), info, device, sync_bn=True)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    xb, yb = _data(16, seed=rank)
+    engine.train_one_epoch(m, _batches(xb, yb, 4), opt, None, _loss, device, progress=False, accum_steps=2)
+    w = torch.cat([p.detach().flatten() for p in engine.unwrap(m).parameters()])
+    both = [torch.empty_like(w) for _ in range(2)]
+    dist.all_gather(both, w)
+    results["ddp_equal"] = torch.equal(both[0], both[1])
+    torch.save(results, out / f"ranks-{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)  # the watchdog timer thread would keep the process alive
+
+
+def test_two_gloo_ranks_agree_share_and_evaluate_sharded(tmp_path):
+    _spawn(_ranks_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"ranks-{r}.pt", weights_only=False) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["disagree"] is False and r["agree"] is True
+        assert r["resumed"] == (2, [[0., 1., 2.], [3., 4., 5.]], [True, False], "OrderedDict", [{"loss": 0.5}])
+        assert r["rejected"] is None
+        assert r["grads"] == [0.5, 0.5, 0.5]
+        assert r["shard_map"] == [v * v for v in range(7)]
+        assert r["eval_equal"] and r["ddp_equal"]
+
+
+def _slow_rank0_worker(rank: int, port: int, out_dir: str):
+    import torch.distributed as dist
+
+    info, _ = _init_rank(rank, port, 2.0, out_dir)  # run.dist_timeout_s=2 stands for NCCL's 10 minutes
+    dist.barrier()
+    items = list(range(16))
+    decode = lambda i: (time.sleep(0.25), i)[1]  # noqa: E731 - "decode one image": 4 s for all 16
+    t = time.perf_counter()
+    results = {"sharded": engine.shard_map(decode, items) == items, "sharded_s": time.perf_counter() - t}
+    try:  # the old pattern: rank 0 checks every image while rank 1 waits at a barrier
+        if rank == 0:
+            [decode(i) for i in items]
+        dist.barrier()
+        results["rank0_alone"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        results["rank0_alone"] = type(e).__name__ + ": " + str(e)[:200]
+    torch.save(results, Path(out_dir) / f"slow-{rank}.pt")
+    os._exit(0)
+
+
+def test_slow_rank0_hits_the_timeout_sharded_work_does_not(tmp_path):
+    _spawn(_slow_rank0_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"slow-{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["sharded"] and r1["sharded"]  # 2 s of work per rank, nobody waits long
+    assert "Timed out" in r1["rank0_alone"], r1["rank0_alone"]  # rank 1 gave up waiting for rank 0 after 2 s
