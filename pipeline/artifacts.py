@@ -113,18 +113,35 @@ def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
 
 
-def fingerprint_tree(root) -> str:
-    """Cheap fingerprint of a folder: relative paths, sizes and mtimes of every file under it."""
+def fingerprint_tree(root, cache_file=None) -> str:
+    """Fingerprint of a folder's content: relative path and sha256 of every file under it.
+
+    Content, not mtimes: `cp -p`, `rsync -t` or `tar` can change a file and keep its size and mtime. Each file
+    is hashed once; with `cache_file` the hashes are reused while path, size, mtime, inode and ctime all stay the
+    same (a rewrite in place changes the ctime), so reruns stay fast.
+    """
     root = Path(root)
-    h = hashlib.sha256()
+    cache = {}
+    if cache_file is not None and Path(cache_file).exists():
+        try:
+            cache = read_json(cache_file)
+        except (OSError, ValueError):
+            cache = {}
+    fresh, h = {}, hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             p = Path(dirpath) / name
-            st = p.stat()
-            h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            rel, st = p.relative_to(root).as_posix(), p.stat()
+            stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+            known = cache.get(rel)
+            digest = known[1] if known and known[0] == stamp else sha256_file(p)
+            fresh[rel] = [stamp, digest]
+            h.update(f"{rel}\0{digest}\n".encode())
+    if cache_file is not None and fresh != cache:
+        write_json(cache_file, fresh)
     return h.hexdigest()
 
 

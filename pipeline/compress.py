@@ -40,6 +40,7 @@ from models import build_model, find_head, load_model_artifact, plain_history, r
 from pipeline import artifacts, engine, probe
 from pipeline.config import ConfigError
 from pipeline.data import is_augmented, make_loader, prepare_data_all_ranks, resolve_preprocessing, steps_per_epoch, summary
+from pipeline.finetune import train_mode_keeping_frozen_bn
 from pipeline.stage import Stage
 
 STAGE = "compress"
@@ -415,7 +416,7 @@ class Compression:
         self.make_task()
         self.val_loader = make_loader(data.val, self.pre, cfg, train=False) if stage.is_main else None
         student_probe = fit_student_probe(stage, self.model, self.pre, data, self.tmeta) \
-            if ckpt is None and cc.probe_init else None
+            if ckpt is None and cc.probe_init and probe.supported(self.model) else None
         self.st = {"phase": "distill", "epoch": 0, "step": 0, "prune_step": 0, "recovering": False, "history": [],
                    "distill_history": [], "curve": [], "student_val": None, "base": None, "good": None,
                    "stopped": None, "train_seconds": 0.0, "probe": student_probe, "student_source": "distilled"}
@@ -498,7 +499,8 @@ class Compression:
                               base_batch=self.cfg.data.batch_size, rule=run.lr_scaling, optimizer="adamw")
         self.opt = torch.optim.AdamW(param_groups(engine.unwrap(self.model), lr, backbone_lr_mult), lr=lr,
                                      weight_decay=self.cc.weight_decay)
-        fn = engine.warmup_decay_lambda(max(1, epochs) * self.steps, int(round(warmup_epochs * self.steps)), "cosine")
+        opt_steps = max(1, self.steps // run.grad_accum_steps)  # optimizer steps per epoch
+        fn = engine.warmup_decay_lambda(max(1, epochs) * opt_steps, int(round(warmup_epochs * opt_steps)), "cosine")
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, fn)
         if self.resume_optimizer is not None:  # only the training phase the checkpoint was taken in
             self.opt.load_state_dict(self.resume_optimizer["optimizer"])
@@ -537,8 +539,9 @@ class Compression:
             r = engine.train_one_epoch(
                 ddp_model, self.train_loader(data_epoch, start), self.opt, self.sched, self.task, self.device,
                 amp=self.amp, scaler=self.scaler, grad_clip=self.cc.grad_clip, channels_last=self.channels_last,
-                start_step=start, max_steps=self.steps, on_step=on_step,
-                progress=self.cfg.run.progress and self.stage.is_main, desc=f"{desc} epoch {epoch + 1}/{total}")
+                start_step=start, max_steps=self.steps, on_step=on_step, accum_steps=self.cfg.run.grad_accum_steps,
+                progress=self.cfg.run.progress and self.stage.is_main, desc=f"{desc} epoch {epoch + 1}/{total}",
+                train_mode=lambda m: train_mode_keeping_frozen_bn(m, self.cc.freeze_bn_stats))
             st["train_seconds"] += r["seconds"]
             rec = {"epoch": epoch, "train_loss": r["loss"], "train_accuracy": r["accuracy"],
                    "images_per_s": r["images_per_s"] * self.stage.dist.world_size, "resumed_mid_epoch": start > 0}

@@ -172,7 +172,7 @@ def prepare_data(cfg, write: bool = True) -> DataInfo:
     """Resolve data.root, check it, and return the splits (saved to run.dir/splits.json)."""
     root = resolve_root(cfg.data.root)
     run_dir = Path(cfg.run.dir)
-    fingerprint = artifacts.fingerprint_tree(root)
+    fingerprint = artifacts.fingerprint_tree(root, run_dir / "file_hashes.json" if write else None)
     presplit = (root / "train").is_dir() and (root / "val").is_dir()
     if presplit:
         classes, train_files = _list_class_folder(root / "train")

@@ -481,28 +481,66 @@ def _nonfinite_error(value: float, step: int) -> FloatingPointError:
                               f"or set grad_clip (finetune.grad_clip / compress.lr)")
 
 
+# TRAIN_ONE_EPOCH_NOTES
+# accum_steps (run.grad_accum_steps): micro-batches per optimizer step. Steps (start_step, max_steps, the value
+# given to on_step, "steps") still count loader batches; the optimizer and the scheduler step once per
+# accum_steps batches (build the schedule with steps // accum_steps optimizer steps per epoch), and on_step is
+# only called at those boundaries, so a checkpoint never holds half-accumulated gradients. Under DDP the
+# micro-batches before a boundary skip the gradient all-reduce (no_sync).
+# A non-finite loss raises FloatingPointError. On the CPU it is checked every step before the update; on a GPU
+# the check (like the running loss and accuracy, kept on the device) is read every `sync_every` steps (default
+# SYNC_EVERY) and at the end, so there is no GPU->CPU sync per step, even with an on_step that runs every step
+# (EMA); the error names the first bad step. save_checkpoint refuses to write non-finite weights anyway.
+
+def _last_step(loader, start_step: int, max_steps: int) -> int | None:
+    """Where this epoch ends (max_steps, or the loader's length), None when unknown."""
+    total = max_steps or None
+    if hasattr(loader, "__len__"):
+        try:
+            n_left = start_step + len(loader)
+            total = min(total, n_left) if total else n_left
+        except TypeError:
+            pass
+    return total
+
+
+def _watch_finite(loss, step: int, sync_every: int, bad_step, bad_loss):
+    """Every step on the CPU (raise now); on a GPU remember the first bad step on the device (read later)."""
+    finite = torch.isfinite(loss)
+    if sync_every == 1:
+        if not finite:
+            raise _nonfinite_error(loss.item(), step)
+        return bad_step, bad_loss
+    first = ~finite & (bad_step < 0)
+    return (torch.where(first, torch.full_like(bad_step, step), bad_step),
+            torch.where(first, loss.detach().float(), bad_loss))
+
+
+def _optimizer_step(model, optimizer, scheduler, scaler, grad_clip: float) -> None:
+    """Clip, step (through the GradScaler when there is one), then the scheduler."""
+    if scaler is not None:
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, compute_loss, device, *, amp=None, scaler=None,
                     grad_clip: float = 0.0, channels_last: bool = False, start_step: int = 0,
                     max_steps: int = 0, on_step=None, progress: bool = True, desc: str = "train",
                     train_mode=None, accum_steps: int = 1, sync_every: int | None = None) -> dict:
-    """One pass over `loader` (which already starts at `start_step`).
+    """One pass over `loader` (which already starts at `start_step`); see TRAIN_ONE_EPOCH_NOTES above.
 
-    compute_loss(model, batch) -> (loss, logits, labels), with batch already on `device`.
-    on_step(step) is called after each optimizer step (global step within the epoch, 1-based), e.g. to
-    checkpoint every N steps. `train_mode(model)` puts the model in training mode (default
-    model.train(); the finetune stage keeps frozen BatchNorm layers in eval mode).
-
-    accum_steps (run.grad_accum_steps): micro-batches per optimizer step. Steps (start_step, max_steps, the
-    value given to on_step, "steps") still count loader batches; the optimizer and the scheduler step once
-    per accum_steps batches (build the schedule with steps // accum_steps optimizer steps per epoch), and
-    on_step is only called at those boundaries, so a checkpoint never holds half-accumulated gradients.
-    Under DDP the micro-batches before a boundary skip the gradient all-reduce (no_sync).
-
-    A non-finite loss raises FloatingPointError. On the CPU it is checked every step before the update, as
-    always; on a GPU the check (like the running loss and accuracy, kept on the device) is read every
-    `sync_every` steps (default SYNC_EVERY) and at the end, so there is no GPU->CPU sync per step, even with an
-    on_step that runs every step (EMA); the error names the first bad step. Checkpoints stay clean anyway:
-    save_checkpoint refuses to write non-finite weights.
+    compute_loss(model, batch) -> (loss, logits, labels), with batch already on `device`. on_step(step) runs
+    after each optimizer step (1-based step within the epoch). `train_mode(model)` puts the model in training
+    mode (default model.train(); finetune keeps frozen BatchNorm layers in eval mode).
     """
     (train_mode or (lambda m: m.train()))(model)
     non_blocking = device.type == "cuda"
@@ -511,20 +549,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, compute_loss, device, *
         sync_every = 1 if device.type == "cpu" else SYNC_EVERY
     sync_every = max(1, int(sync_every))
     use_scaler = scaler is not None and scaler.is_enabled()
-    total = max_steps or None
-    if hasattr(loader, "__len__"):
-        try:
-            n_left = start_step + len(loader)
-            total = min(total, n_left) if total else n_left
-        except TypeError:
-            pass
+    total = _last_step(loader, start_step, max_steps)
     # no_sync is safe only when the last micro-batch of the epoch is known to be a boundary
     can_skip_sync = accum > 1 and total is not None and hasattr(model, "no_sync")
 
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-    bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+    loss_sum, correct, bad_step, bad_loss = (torch.zeros((), dtype=torch.float64, device=device),
+                                             torch.zeros((), dtype=torch.int64, device=device),
+                                             torch.full((), -1, dtype=torch.int64, device=device),
+                                             torch.zeros((), dtype=torch.float32, device=device))
     seen, step, pending, window = 0, start_step, 0, 1
     t0 = time.perf_counter()
     bar = _progress(loader, progress, desc=desc, total=(max_steps - start_step) if max_steps else None)
@@ -535,19 +567,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, compute_loss, device, *
             raise _nonfinite_error(bad_loss.item(), first)
 
     def optimizer_step() -> None:
-        if use_scaler:
-            if grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            if grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-
+        _optimizer_step(model, optimizer, scheduler, scaler if use_scaler else None, grad_clip)
     for batch in bar:
         if max_steps and step >= max_steps:
             break
@@ -561,21 +581,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, compute_loss, device, *
         with (model.no_sync() if skip_sync else contextlib.nullcontext()):
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 loss, logits, labels = compute_loss(model, batch)
-            finite = torch.isfinite(loss)
-            if sync_every == 1:
-                if not finite:
-                    raise _nonfinite_error(loss.item(), step)
-            else:
-                first = ~finite & (bad_step < 0)
-                bad_step = torch.where(first, torch.full_like(bad_step, step), bad_step)
-                bad_loss = torch.where(first, loss.detach().float(), bad_loss)
+            bad_step, bad_loss = _watch_finite(loss, step, sync_every, bad_step, bad_loss)
             if pending == 0:
                 optimizer.zero_grad(set_to_none=True)
             scaled = loss / window if window > 1 else loss
-            if use_scaler:
-                scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
+            (scaler.scale(scaled) if use_scaler else scaled).backward()
         pending += 1
         n = labels.shape[0]
         loss_sum += loss.detach().double() * n

@@ -201,8 +201,12 @@ def load_matching_checkpoint(stage: Stage, chash: str, data) -> dict | None:
                                                                                  stage.dist.world_size))
 
 
-def fit_teacher_probe(stage: Stage, model: nn.Module, pre: dict, data, num_classes: int) -> dict:
-    """The frozen-feature probe of the pretrained teacher (rank 0 fits, every rank gets the same head)."""
+def fit_teacher_probe(stage: Stage, model: nn.Module, pre: dict, data, num_classes: int, as_head: bool = True):
+    """The frozen-feature probe of the pretrained teacher (rank 0 fits; with as_head every rank gets it as the
+    head). None when the model's head is not a Linear layer (e.g. squeezenet's 1x1 conv after a ReLU)."""
+    if not probe.supported(model):
+        stage.log(f"no probe: the head of {stage.cfg.teacher.name} is not a Linear layer on pooled features")
+        return None
     info = None
     if stage.is_main:
         t0 = time.perf_counter()
@@ -218,7 +222,8 @@ def fit_teacher_probe(stage: Stage, model: nn.Module, pre: dict, data, num_class
                   f"{info['selection_accuracy']:.4f}, report-split accuracy {info['test_accuracy']:.4f}, "
                   f"similarity {info['similarity']:.2f} ({info['seconds']:.0f}s)")
     info = engine.broadcast_object(info)
-    probe.set_head(engine.unwrap(model), info)
+    if as_head:
+        probe.set_head(engine.unwrap(model), info)
     return {k: v for k, v in info.items() if k not in ("weight", "bias")}
 
 
@@ -241,15 +246,20 @@ def run(cfg, force: bool = False) -> dict:
              "probe": None}
     if ckpt is not None:
         state.update({k: ckpt["state"][k] for k in state})
-    elif cfg.finetune.probe_init or cfg.finetune.strategy == "auto":
-        state["probe"] = fit_teacher_probe(stage, model, pre, data, num_classes)
+        best_path = stage.dir / "best.pt"
+        if stage.is_main and best_path.exists():  # best.pt may be newer than the checkpoint (killed in between)
+            extra = artifacts.torch_load(best_path)["extra"]
+            state["best_accuracy"], state["best_epoch"] = extra["val_accuracy"], extra["epoch"]
+        state = engine.broadcast_object(state)
+    elif cfg.finetune.probe_init or cfg.finetune.strategy == "auto":  # auto needs it for the similarity
+        state["probe"] = fit_teacher_probe(stage, model, pre, data, num_classes, cfg.finetune.probe_init)
     similarity = state["probe"]["similarity"] if state["probe"] else None
     strategy, regime = resolve_strategy(cfg.finetune.strategy, class_counts(data.train, num_classes), similarity)
     phases = plan_phases(strategy, cfg.finetune, regime, len(backbone_blocks(model)))
     stage.log(f"{cfg.teacher.name} ({engine.count_params(model) / 1e6:.2f}M params) on {stage.device}, strategy "
               f"{strategy}: {regime['why']}; " + ", ".join(f"{p['name']} x{p['epochs']}" for p in phases)
               + f"; input {pre['input_size']}, {pre['interpolation']}, mean {pre['mean']}")
-    if ckpt is None and state["probe"] and stage.is_main:
+    if ckpt is None and state["probe"] and cfg.finetune.probe_init and stage.is_main:
         consider_best(stage, model, pre, data, state, epoch=-1, label="probe")
     state = train(stage, model, pre, data, phases, state, ckpt, chash)
     result = finish(stage, pre, data, strategy, regime, phases, state, chash, inputs) if stage.is_main else {}
@@ -278,7 +288,7 @@ def enter_phase(stage: Stage, model, phase: dict, steps: int, ckpt: dict | None)
     lr = engine.scaled_lr(cf.lr, stage.cfg.data.batch_size * stage.dist.world_size * stage.cfg.run.grad_accum_steps,
                           base_batch=stage.cfg.data.batch_size, rule=stage.cfg.run.lr_scaling, optimizer=cf.optimizer)
     optimizer = make_optimizer(cf, head, backbone, lr)
-    scheduler = make_scheduler(cf, optimizer, phase["epochs"], steps)
+    scheduler = make_scheduler(cf, optimizer, phase["epochs"], max(1, steps // stage.cfg.run.grad_accum_steps))
     ddp_model = engine.wrap_for_training(model, stage.dist, stage.device, sync_bn=stage.cfg.run.sync_bn,
                                          compile=stage.cfg.run.compile)
     n_train = sum(p.numel() for p in engine.unwrap(model).parameters() if p.requires_grad)
@@ -343,6 +353,7 @@ def train(stage: Stage, model, pre: dict, data, phases: list[dict], state: dict,
             ddp_model, loader, optimizer, scheduler, lambda m, b: _ce(m, b, cfg.finetune.label_smoothing), device,
             amp=amp, scaler=scaler, grad_clip=cfg.finetune.grad_clip, channels_last=channels_last,
             start_step=state["step"], max_steps=steps, on_step=on_step, progress=cfg.run.progress and stage.is_main,
+            accum_steps=cfg.run.grad_accum_steps,
             desc=f"epoch {epoch + 1}/{total} {phases[idx]['name']}",
             train_mode=lambda m: train_mode_keeping_frozen_bn(m, cfg.finetune.freeze_bn_stats))
         state["train_seconds"] += result["seconds"]

@@ -305,22 +305,14 @@ class _FbsNode:
 
 
 def mobile_session(path: Path, threads: int):
-    """A CPU-EP session as the device is told to make it (docs/mobile.md): runtime.make_session's settings plus
+    """A CPU-EP session as the device is told to make it (docs/mobile.md): runtime.make_session, which sets
     session.enable_saved_runtime_optimizations=1, so the CPU fusions stored in a Runtime-style .ort are replayed.
     Without it the CPU EP runs the QDQ groups as float emulation: on an EfficientNet-Lite0 that flipped 1 of 48
     low-confidence top-1s against model.int8.onnx (max |logit diff| 0.26); with it the logits were identical.
     Only for our own files: ONNX Runtime advises replaying only trusted models. (Ignored for .onnx files.)"""
-    import onnxruntime as ort
+    from pipeline import runtime
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads and threads > 0:
-        so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry(REPLAY_KEY, "1")
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    return runtime.make_session(path, "cpu", threads)
 
 
 def evaluate(path: Path, x: np.ndarray, y: np.ndarray, reference: np.ndarray, threads: int) -> dict:

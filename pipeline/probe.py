@@ -20,6 +20,11 @@ from models import find_head
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)   # inverse L2 strength, picked on the selection split
 
 
+def supported(model: nn.Module) -> bool:
+    """The probe needs a Linear head on pooled features (timm, and torchvision's resnet/efficientnet/mobilenet...)."""
+    return isinstance(find_head(model)[1], nn.Linear)
+
+
 @torch.no_grad()
 def pooled_features(model: nn.Module, loader, device) -> tuple[np.ndarray, np.ndarray]:
     """-> (features [N, D] float32, labels [N]): what the head sees, model in eval mode."""

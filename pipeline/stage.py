@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from pipeline import artifacts
 
+_LOCKS: dict[str, int] = {}
 COMMANDS = {"finetune": "make finetune", "compress": "make compress", "export": "make export"}
 
 
@@ -44,7 +46,27 @@ class Stage:
         stage = cls(name=name, cfg=cfg, dir=cfg.run_dir / name, dist=dist, device=device)
         if dist.is_main:
             stage.dir.mkdir(parents=True, exist_ok=True)
+            stage.lock()
         return stage
+
+    def lock(self) -> None:
+        """One run at a time per run folder: an flock on run.dir/.lock, held until this process exits (a crash or
+        kill -9 releases it too). A second run would interleave its writes with this one's."""
+        import fcntl
+
+        path = self.cfg.run_dir / ".lock"
+        if str(path.resolve()) in _LOCKS:  # this process holds it already (stages run one after another)
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StageError(f"another pipeline process is using run.dir={self.cfg.run.dir} ({path} is locked). "
+                             f"Wait for it to finish, or use another run.dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {self.name}\n".encode())
+        _LOCKS[str(path.resolve())] = fd  # kept open (and locked) for the life of the process
 
     @property
     def is_main(self) -> bool:
@@ -101,7 +123,7 @@ class Stage:
     def skipped(self) -> dict:
         return {"skipped": True, "stage_dir": str(self.dir)}
 
-    def start(self, resuming: bool = False) -> None:
+    def start(self, resuming: bool = False, keep: tuple[str, ...] = ("teacher_logits.pt",)) -> None:
         """Remove the manifest; unless resuming from this stage's own matching checkpoint, set every previous
         output aside (into .previous/, deleted when the stage finishes), so that no mix of old and new files
         can ever look current."""
@@ -110,11 +132,16 @@ class Stage:
         engine.barrier()
         if self.is_main:
             artifacts.invalidate(self.dir)
+            for leftover in self.dir.glob(".*"):  # temp files of a killed write (atomic_path: .<name>.<random>)
+                if leftover.is_file():
+                    leftover.unlink(missing_ok=True)
+            for leftover in self.dir.glob(".work.*"):  # export's scratch folder of a killed run
+                shutil.rmtree(leftover, ignore_errors=True)
             if not resuming:
                 aside = self.dir / ".previous"
                 shutil.rmtree(aside, ignore_errors=True)
-                for path in list(self.dir.iterdir()):
-                    if not path.name.startswith("."):
+                for path in list(self.dir.iterdir()):  # `keep`: caches keyed by their own inputs
+                    if not path.name.startswith(".") and path.name not in keep:
                         aside.mkdir(exist_ok=True)
                         path.rename(aside / path.name)
         engine.barrier()

@@ -11,11 +11,12 @@ Torch-free, pipeline.config-free: a Bento carries serving/ and the torch-free co
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
+
+from pipeline.artifacts import sha256_file  # torch-free, like the rest of the core the server imports
 
 logger = logging.getLogger("bentoml.edgepipe")
 MODEL_SUFFIXES = (".onnx", ".ort")
@@ -90,14 +91,6 @@ def read_card_file(card_path: Path) -> dict:
     if not isinstance(card, dict):
         raise ModelSpecError(f"{card_path} is not a model card (a JSON object); rerun `make export ARGS=--force`")
     return card
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_model_file(model_file: Path, card_path) -> str:

@@ -405,3 +405,26 @@ def test_kill_9_at_a_random_moment_then_rerun_gives_the_same_weights(make_config
     assert out.returncode == 0, out.stderr[-3000:]
     for name in ("student.pt", "pruned.pt"):
         _assert_same_weights(_state(tmp_path / "ref" / "compress" / name), _state(run_dir / "compress" / name))
+
+
+def test_a_second_run_on_the_same_run_dir_is_refused_and_leftovers_are_cleaned(make_config, tmp_path):
+    from pipeline.stage import Stage
+
+    cfg = make_config(*QUICK, "compress.max_accuracy_drop=1.0")
+    make_teacher(cfg)
+    (cfg.run_dir / "compress").mkdir(parents=True, exist_ok=True)
+    stale = cfg.run_dir / "compress" / ".pruned.pt.abc123.pt.tmp"  # a write killed before its os.replace
+    stale.write_bytes(b"half a checkpoint")
+    other = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                              f"fd = os.open({str(cfg.run_dir / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                              "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        with pytest.raises(StageError, match="another pipeline process is using run.dir"):
+            Stage.open(cfg, "compress")
+    finally:
+        other.kill()
+        other.wait()
+    compress.run(cfg)
+    assert not stale.exists()

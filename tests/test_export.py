@@ -292,3 +292,20 @@ def test_stratified_calibration_sample_covers_every_class():
     picked = export.stratified_sample(samples, 8, seed=0)
     assert len(picked) == 8 and sorted({label for _, label in picked}) == [0, 1, 2, 3]
     assert len(export.stratified_sample(samples, 1000, seed=0)) == len(samples)
+
+
+def test_fp16_option_writes_a_budgeted_fp16_file(exported, tmp_path):
+    cfg0, _ = exported
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path / "run", cfg0.data.root, "export.quantization=fp16", "run.max_accuracy_drop=1.0",
+                      "export.latency_rounds=1", "export.exporter=legacy", "export.opset=17", "export.mobile=false")
+    copy_upstream(cfg0, cfg)
+    export.run(cfg)
+    report = json.loads((cfg.run_dir / "report.json").read_text())
+    f16 = report["models"]["fp16"]
+    assert f16["file"] == "model.fp16.onnx" and 0 <= f16["accuracy"] <= 1 and "ok" in f16["vs_teacher_selection"]
+    stage = cfg.run_dir / "export"
+    assert (stage / "model.fp16.onnx").stat().st_size < (stage / "model.fp32.onnx").stat().st_size
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert "model.fp16.onnx" in manifest["outputs"] and report["shipped"]["precision"] == "fp32"

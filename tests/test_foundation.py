@@ -303,3 +303,21 @@ def test_a_crash_while_writing_keeps_the_previous_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert artifacts.torch_load(path)["v"].item() == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temp files left behind
+
+
+def test_fingerprint_follows_content_even_with_size_and_mtime_kept(tmp_path, make_config):
+    """`cp -p`, `rsync -t` and `tar` can change a file and keep its size and mtime: the stages must still rerun."""
+    import os
+
+    root = make_imagefolder(tmp_path / "d", per_class=6)
+    cfg = make_config(data_root=root)
+    before = prepare_data(cfg).fingerprint
+    assert prepare_data(cfg).fingerprint == before                  # cached hashes: same answer
+    victim = sorted((root / "circle").glob("*.png"))[0]
+    st = victim.stat()
+    other = sorted((root / "square").glob("*.png"))[0].read_bytes()
+    data = other[:st.st_size].ljust(st.st_size, b"\0")               # same size, other content
+    victim.write_bytes(data)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))            # same mtime
+    assert victim.stat().st_size == st.st_size and victim.stat().st_mtime_ns == st.st_mtime_ns
+    assert prepare_data(make_config("data.bad_images=skip", data_root=root)).fingerprint != before
