@@ -78,3 +78,25 @@ def make_config(tmp_path, tiny_data):
     def make(*overrides, run_dir=None, data_root=None):
         return tiny_config(run_dir or tmp_path / "run", data_root or tiny_data, *overrides)
     return make
+
+
+def kill_9_during(cmd, cwd, env, started: Path, delay: float, timeout: float = 300) -> bool:
+    """Start `cmd`, wait until `started` exists (its first checkpoint), wait `delay` seconds, then SIGKILL it.
+
+    -> True when the process was killed, False when it finished first (a fast machine: the caller skips).
+    The shared harness of the kill-and-rerun tests (finetune, compress).
+    """
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not started.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(delay)
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed

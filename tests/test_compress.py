@@ -370,8 +370,6 @@ def test_ddp_two_cpu_processes_with_gloo(make_config, tiny_data, tmp_path):
 def test_kill_9_at_a_random_moment_then_rerun_gives_the_same_weights(make_config, tiny_data, tmp_path):
     """A real SIGKILL somewhere after the first checkpoint (distillation, pruning or recovery), then the same command."""
     import random
-    import signal
-    import time
 
     from conftest import FAST
 
@@ -386,19 +384,11 @@ def test_kill_9_at_a_random_moment_then_rerun_gives_the_same_weights(make_config
 
     # The reference is the same command, uninterrupted (a fresh process, like the killed one).
     subprocess.run(command(tmp_path / "ref"), cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    from conftest import kill_9_during
+
     run_dir = tmp_path / "killed"
     cmd = command(run_dir)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = run_dir / "compress" / "checkpoint.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(random.uniform(0.0, 4.0))
-    killed = proc.poll() is None
-    if killed:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    if not killed:
+    if not kill_9_during(cmd, ROOT, env, run_dir / "compress" / "checkpoint.pt", random.uniform(0.0, 4.0)):
         pytest.skip("the run finished before it could be killed")
     assert not (run_dir / "compress" / "manifest.json").exists()
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

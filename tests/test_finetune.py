@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -121,18 +118,11 @@ def test_kill_9_then_rerun_completes_with_the_same_weights(tiny_data, tmp_path):
     subprocess.run(_cli(tmp_path / "ref", tiny_data, *extra), check=True, cwd=ROOT, env=env,
                    stdout=subprocess.DEVNULL)
 
+    from conftest import kill_9_during
+
     run_dir = tmp_path / "killed"
-    ckpt = run_dir / "finetune" / "checkpoint.pt"
-    proc = subprocess.Popen(_cli(run_dir, tiny_data, *extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)  # somewhere in the middle of training, wherever that is
-    killed = proc.poll() is None
-    if killed:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    if not killed:
+    # somewhere in the middle of training, wherever that is
+    if not kill_9_during(_cli(run_dir, tiny_data, *extra), ROOT, env, run_dir / "finetune" / "checkpoint.pt", 0.3):
         pytest.skip("the run finished before it could be killed (machine too fast)")
     assert not (run_dir / "finetune" / "manifest.json").exists()
     subprocess.run(_cli(run_dir, tiny_data, *extra), check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
