@@ -435,7 +435,8 @@ def add_intervals(rows: dict, correct: dict, teacher_correct: np.ndarray, max_dr
 
 def _fmt_row(name: str, r: dict | None) -> str:
     if not r or r.get("accuracy") is None:
-        return f"| {name} | — (not shipped) | | | | | | | |"
+        why = "not shipped" if name.startswith("onnx") else "not measured (probe off or unsupported head)"
+        return f"| {name} | — ({why}) | | | | | | | |"
     ci = r.get("accuracy_ci95")
     drop = r.get("drop_vs_teacher")
     size = f"{r['size_bytes'] / 1e6:.2f} MB" if r.get("size_bytes") else "—"
