@@ -25,6 +25,17 @@ ORT_EXTRA := $(if $(filter 1 yes true on,$(GPU)),gpu,cpu)
 ORT_OTHER := $(if $(filter gpu,$(ORT_EXTRA)),onnxruntime,onnxruntime-gpu)
 FLAVOR_STAMP := $(VENV)/.installed-$(ORT_EXTRA)
 
+# OpenVINO, a second CPU runtime (the [openvino] extra): export measures the shipped files on it and model.json
+# recommends it where it is faster; the server and the predictor fall back to onnxruntime without it. In by
+# default (docs/speed.md: +59 MB download, +180 MB installed, 1.3-2x faster int8 here); `make install OPENVINO=0`
+# leaves it out and removes it. Sticky like GPU.
+comma := ,
+OPENVINO ?= $(if $(wildcard $(VENV)/.openvino-0),0,1)
+OV_ON := $(filter 1 yes true on,$(OPENVINO))
+OV_STAMP := $(VENV)/.openvino-$(if $(OV_ON),1,0)
+OV_SWITCHED := $(wildcard $(VENV)/.openvino-$(if $(OV_ON),0,1))
+EXTRAS := $(ORT_EXTRA),dev$(if $(OV_ON),$(comma)openvino,)
+
 # DDP launcher for the training stages (finetune, compress). export and serve always run once.
 ifeq ($(NNODES),1)
 TORCHRUN := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC)
@@ -43,17 +54,21 @@ help:
 
 # The virtual environment is created and filled on first use (and refreshed when pyproject.toml changes
 # or the ONNX Runtime build changes).
-$(FLAVOR_STAMP): pyproject.toml
+# the venv was installed with the other OPENVINO choice: reinstall
+.PHONY: openvino-switch
+$(FLAVOR_STAMP): pyproject.toml $(if $(OV_SWITCHED),openvino-switch)
 	@test -n "$(PYTHON_BOOT)" || { echo "Python 3.10+ is needed (python3.11 recommended)"; exit 1; }
 	@$(PYTHON_BOOT) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10+ is needed, found " + sys.version)'
-	@echo "[make] setting up $(VENV) with .[$(ORT_EXTRA),dev] (first run only; torch is large, this takes a few minutes)"
+	@echo "[make] setting up $(VENV) with .[$(EXTRAS)] (first run only; torch is large, this takes a few minutes)"
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	@if $(PY) -m pip show -q $(ORT_OTHER) >/dev/null 2>&1; then \
 		echo "[make] removing $(ORT_OTHER): it shares its folder with the build GPU=$(GPU) installs"; \
 		$(PY) -m pip uninstall -y -q onnxruntime onnxruntime-gpu; fi
-	@$(PY) -m pip install -q -e ".[$(ORT_EXTRA),dev]" 2>&1 | { grep -v "is ignored" || true; }
-	@rm -f $(VENV)/.installed-cpu $(VENV)/.installed-gpu
-	@touch $@ $(STAMP)
+	@$(PY) -m pip install -q -e ".[$(EXTRAS)]" 2>&1 | { grep -v "is ignored" || true; }
+	@if [ -z "$(OV_ON)" ] && $(PY) -m pip show -q openvino >/dev/null 2>&1; then \
+		echo "[make] OPENVINO=0: removing openvino"; $(PY) -m pip uninstall -y -q openvino openvino-telemetry; fi
+	@rm -f $(VENV)/.installed-cpu $(VENV)/.installed-gpu $(VENV)/.openvino-*
+	@touch $@ $(STAMP) $(OV_STAMP)
 
 install: $(FLAVOR_STAMP)
 
@@ -74,6 +89,7 @@ serve: $(FLAVOR_STAMP)
 # A Bento of the exported model (bentofile.yaml). GPU=1: the same Bento with onnxruntime-gpu (and the CUDA 13
 # runtime from PyPI) instead of onnxruntime, and EDGEPIPE_DEVICE=cuda; written from bentofile.yaml so the two
 # never drift apart. Run the container with `docker run --gpus all` on a host with NVIDIA driver >= 580.
+# EDGEPIPE_DEVICE during the build: the service's `resources` (GPU or not) are recorded in the Bento then.
 GPU_BENTOFILE := $(VENV)/bentofile.gpu.yaml
 BENTO_GPU_PACKAGES ?= onnxruntime-gpu[cuda,cudnn]>=1.20 nvidia-cublas>=13,<14
 bento: $(FLAVOR_STAMP)
@@ -84,9 +100,9 @@ ifeq ($(ORT_EXTRA),gpu)
 	b["envs"] = [e for e in b.get("envs", []) if e["name"] != "EDGEPIPE_DEVICE"] + [{"name": "EDGEPIPE_DEVICE", "value": "cuda"}]; \
 	b.setdefault("labels", {})["device"] = "cuda"; \
 	yaml.safe_dump(b, open(sys.argv[1], "w"), sort_keys=False)' $(GPU_BENTOFILE) $(foreach p,$(BENTO_GPU_PACKAGES),'$(p)')
-	$(VENV)/bin/bentoml build -f $(GPU_BENTOFILE) .
+	EDGEPIPE_DEVICE=cuda $(VENV)/bin/bentoml build -f $(GPU_BENTOFILE) .
 else
-	$(VENV)/bin/bentoml build .
+	EDGEPIPE_DEVICE=cpu $(VENV)/bin/bentoml build .
 endif
 
 test: $(FLAVOR_STAMP)

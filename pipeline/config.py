@@ -125,9 +125,17 @@ class CompressConfig:
     target_macs_ratio: float = 0.5       # pruned MACs / unpruned MACs
     target_params_ratio: typing.Optional[float] = None  # if set, prune to this params ratio instead
     pruning_steps: int = 3
-    recovery_epochs: int = 2             # KD fine-tuning epochs after each pruning step
-    importance: str = "magnitude"        # magnitude | taylor | bn_scale
+    # KD fine-tuning epochs after each pruning step, at most: recovery stops at the first epoch back within
+    # run.max_accuracy_drop of the unpruned student (selection split)
+    recovery_epochs: int = 6
+    # magnitude | taylor | bn_scale. flowers 224 px, one step to 0.78 MACs, selection accuracy after BN
+    # recalibration: taylor 0.689, magnitude 0.578 (0.878 vs 0.861 after 2 recovery epochs); global ranking and
+    # sparing the residual trunks were worse (docs/accuracy.md)
+    importance: str = "taylor"
     round_to: int = 8
+    # channels tied to a depthwise conv: multiples of this too (lcm with round_to; 0 = round_to only). ONNX Runtime's
+    # x86 int8 depthwise kernel needs multiples of 16, else a generic kernel as slow as fp32 (issue #13, compress.md)
+    depthwise_round_to: int = 16
     max_accuracy_drop: float = 0.03      # vs the unpruned distilled student, on val
     max_steps_per_epoch: int = 0
     checkpoint_every_steps: int = 0
@@ -142,7 +150,16 @@ class CompressConfig:
     max_layer_pruning_ratio: float = 0.9  # at most this fraction of a layer's channels per pruning step
     taylor_batches: int = 4              # importance=taylor: training batches whose gradients score channels
     bn_recalibration_batches: int = 20   # after each pruning step: re-estimate BatchNorm statistics (0 = off)
-    latency_runs: int = 10               # unused since latency is measured once, by export (kept: old configs load)
+    # Latency-aware pruning (pipeline/latency.py, docs/compress.md): a target in measured ms on ONNX Runtime's CPU
+    # EP instead of MACs. target_latency_ms (absolute) or target_latency_ratio (of the distilled student's
+    # measured latency); at most one, and not with target_params_ratio. Either one overrides target_macs_ratio.
+    target_latency_ms: typing.Optional[float] = None
+    target_latency_ratio: typing.Optional[float] = None
+    latency_precision: str = "int8"      # int8 (static QDQ, as export ships) | fp32: the ONNX file that is timed
+    latency_batch: int = 1               # 1 | 32: the batch size the latency target applies to (both are recorded)
+    latency_threads: int = 2             # ONNX Runtime intra-op threads while timing (as export.latency_threads)
+    latency_runs: int = 10               # timed runs per measurement at batch 1 (runs // 3 at batch 32)
+    step_latency: bool = True            # measure every pruning step's latency (curve + plot) even for MACs targets
 
 
 @dataclass
@@ -164,6 +181,9 @@ class ExportConfig:
     # chain and the "ship fp32" path.
     latency_rounds: int = 2              # interleaved fp32/int8 timing rounds; the best median of each is kept
     sensitive_nodes: int = 5             # int8 fallback: nodes with the worst fp32-vs-int8 activation SQNR kept fp32
+    # CPU runtimes the shipped files are measured and checked on; `recommended` names the fastest that passes:
+    # auto = every one installed here (onnxruntime, and openvino when installed); onnxruntime = that one only
+    runtimes: str = "auto"
 
 
 # The server's settings: one typed class shared with the torch-free server (serving/settings.py), so
@@ -202,7 +222,8 @@ DATASET_PRESETS = {
     "builtin:digits": {
         "data": {"image_size": 64, "crop_pct": 1.0, "hflip": False, "scale_min": 0.7, "rotation": 10.0},
         "finetune": {"strategy": "two_phase", "epochs": 5, "head_epochs": 1, "lr": 0.003, "backbone_lr_mult": 0.1},
-        "compress": {"epochs": 3, "pruning_steps": 3, "recovery_epochs": 2, "backbone_lr_mult": 1.0,
+        "compress": {"epochs": 3, "pruning_steps": 3, "recovery_epochs": 2, "importance": "magnitude",
+                     "backbone_lr_mult": 1.0,
                      "recovery_lr": 0.0005, "probe_init": False, "freeze_bn_stats": False},
     },
 }
@@ -222,9 +243,11 @@ CHOICES = {
     ("compress", "importance"): ("magnitude", "taylor", "bn_scale"),
     ("compress", "amp"): ("auto", "bf16", "fp16", "off"),
     ("compress", "channels_last"): ("auto", "on", "off"),
+    ("compress", "latency_precision"): ("int8", "fp32"),
     ("export", "exporter"): ("dynamo", "legacy"),
     ("export", "quantization"): ("static", "dynamic", "fp16", "none"),
     ("export", "calibration_method"): ("minmax", "entropy", "percentile"),
+    ("export", "runtimes"): ("auto", "onnxruntime"),
 }
 
 

@@ -286,19 +286,26 @@ def _interp(name: str):
     return InterpolationMode(name)
 
 
-def eval_transform(pre: dict):
+def _to_tensor(pre: dict, uint8: bool = False) -> list:
+    """The last steps of every transform: ToTensor + Normalize (float32, normalized), or with uint8 the image as
+    uint8 CHW for DeviceBatches to scale and normalize on the GPU (the same ops, so the same values)."""
+    from torchvision import transforms as T
+
+    return [T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(pre["mean"], pre["std"])]
+
+
+def eval_transform(pre: dict, uint8: bool = False):
     """The torchvision twin of pipeline.preprocess.preprocess (a test checks they agree)."""
     from torchvision import transforms as T
 
     return T.Compose([
         T.Resize(pre["resize_size"], interpolation=_interp(pre["interpolation"])),
         T.CenterCrop(pre["crop_size"]),
-        T.ToTensor(),
-        T.Normalize(pre["mean"], pre["std"]),
+        *_to_tensor(pre, uint8),
     ])
 
 
-def train_transform(pre: dict, cfg_data):
+def train_transform(pre: dict, cfg_data, uint8: bool = False):
     from torchvision import transforms as T
 
     interp = _interp(pre["interpolation"])
@@ -318,7 +325,7 @@ def train_transform(pre: dict, cfg_data):
         steps.append(T.TrivialAugmentWide(interpolation=_interp("bilinear")))
     elif cfg_data.auto_augment == "randaugment":
         steps.append(T.RandAugment(interpolation=_interp("bilinear")))
-    steps += [T.ToTensor(), T.Normalize(pre["mean"], pre["std"])]
+    steps += _to_tensor(pre, uint8)
     return T.Compose(steps)
 
 
@@ -385,25 +392,75 @@ class EpochSampler(Sampler):
         return max(0, self.per_rank - self.start)
 
 
+class DeviceBatches:
+    """A loader of uint8 images whose batches are moved to `device` and scaled/normalized there
+    (engine.normalize_on_device): x / 255, then (x - mean) / std, the ops ToTensor + Normalize do on the CPU, so
+    the values are the same, with 4x fewer bytes through the workers' queues, pinned memory and PCIe. Every view
+    (student, teacher) gets its own mean/std; labels (the last item) stay on the CPU, as from a plain loader."""
+
+    def __init__(self, loader: DataLoader, device, stats: list[tuple]):
+        self.loader, self.device, self.stats = loader, torch.device(device), stats
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        from pipeline.engine import normalize_on_device
+
+        for batch in self.loader:
+            views = [normalize_on_device(x, mean, std, self.device) for x, (mean, std) in zip(batch[:-1], self.stats)]
+            yield [*views, batch[-1]]
+
+
 def make_loader(samples, pre: dict, cfg, train: bool, epoch: int = 0, start_step: int = 0,
                 rank: int = 0, world_size: int = 1, extra_pre: dict | None = None,
-                batch_size: int | None = None, augment: bool | None = None) -> DataLoader:
-    """A DataLoader of (x, [x_extra,] label). Train: shuffled per epoch, augmented, drop_last."""
+                batch_size: int | None = None, augment: bool | None = None, device=None,
+                persistent: bool = False, uint8: bool | None = None):
+    """A DataLoader of (x, [x_extra,] label). Train: shuffled per epoch, augmented, drop_last.
+
+    device (where the batches go; None = the CPU): engine.loader_settings, i.e. pinned memory only for CUDA. On
+    CUDA (or with uint8=True) the workers send uint8 images and DeviceBatches normalizes them on the device.
+    persistent: keep the worker processes between passes; only for a loader that is iterated again (eval_loaders).
+    A training loader is built per epoch and never persistent: its epoch (the augmentation seed) lives in the
+    dataset, which persistent workers copy once at start-up (they would replay epoch 0's crops), and a resumed
+    epoch starts mid-way (start_step). A fresh loader per epoch keeps the data order and the bit-exact resume; the
+    price is starting run.workers processes once per epoch.
+    """
+    from pipeline.engine import loader_settings
+
+    device = torch.device(device or "cpu")
+    uint8 = device.type == "cuda" if uint8 is None else uint8
     batch_size = batch_size or cfg.data.batch_size
     augment = train if augment is None else augment
-    make_t = (lambda p: train_transform(p, cfg.data)) if augment else eval_transform
-    transforms = [make_t(pre)] + ([make_t(extra_pre)] if extra_pre is not None else [])
-    dataset = ImageListDataset(samples, transforms, seed=cfg.run.seed, epoch=epoch)
+    make_t = (lambda p: train_transform(p, cfg.data, uint8)) if augment else (lambda p: eval_transform(p, uint8))
+    views = [pre] + ([extra_pre] if extra_pre is not None else [])
+    dataset = ImageListDataset(samples, [make_t(p) for p in views], seed=cfg.run.seed, epoch=epoch)
     drop_last = train and len(samples) // world_size > batch_size
     sampler = EpochSampler(len(samples), shuffle=train, seed=cfg.run.seed, epoch=epoch, rank=rank,
                            world_size=world_size, start=start_step * batch_size)
-    workers = cfg.run.workers
+    settings = loader_settings(device, cfg.run.workers)
+    settings["persistent_workers"] = settings["persistent_workers"] and persistent and not train
     # A private generator: creating the iterator must not draw from the global RNG (dropout etc.),
     # or a run resumed mid-epoch would diverge from an uninterrupted one.
     generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + epoch)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=drop_last, pin_memory=torch.cuda.is_available(), generator=generator,
-                      persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.run.workers,
+                        drop_last=drop_last, generator=generator, **settings)
+    return DeviceBatches(loader, device, [(p["mean"], p["std"]) for p in views]) if uint8 else loader
+
+
+def eval_loaders(pre: dict, cfg, device=None, **kw):
+    """make(subset) -> an unshuffled, un-augmented loader over that list of samples: the `make_loader` argument of
+    engine.predict_sharded / evaluate_sharded and probe.pooled_features_sharded. Loaders are kept per subset for
+    the life of `make`, so a split evaluated every epoch reuses its loader and, with run.workers > 0, its worker
+    processes (persistent_workers: eval passes have no epoch-dependent state)."""
+    cache: dict = {}
+
+    def make(subset):
+        key = tuple(subset)
+        if key not in cache:
+            cache[key] = make_loader(list(subset), pre, cfg, train=False, device=device, persistent=True, **kw)
+        return cache[key]
+    return make
 
 
 def steps_per_epoch(n_samples: int, batch_size: int, world_size: int = 1, max_steps: int = 0) -> int:

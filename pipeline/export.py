@@ -231,21 +231,125 @@ def write_ort(onnx_path: Path, ort_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- latency
 
-def compare_latency(paths: dict, input_size, threads: int, runs: int, rounds: int = 2) -> dict:
-    """ORT CPU-EP latency of several model files measured side by side: `rounds` interleaved rounds of
-    (model A b1, A b32, model B b1, B b32, ...); per figure the best round's median (the least disturbed
-    by other jobs on a shared machine). -> {name: {"latency_ms_b1", "latency_ms_b32"}}"""
+def _timed_sessions(paths: dict, threads: int, runtimes: dict) -> tuple[dict, dict]:
+    """{(name, runtime): session} for every model file on each of its runtimes (ONNX Runtime by default), and
+    {(name, runtime): error} for a runtime that cannot run a file (ONNX Runtime's own failures raise)."""
+    sessions, errors = {}, {}
+    for name, path in paths.items():
+        for rt in runtimes.get(name, [runtime.ONNXRUNTIME]):
+            try:
+                sess = runtime.make_session(path, "cpu", threads, runtime=rt)
+                if runtime.session_runtime(sess) != rt:
+                    raise RuntimeError(f"{rt} could not be used (fell back to {runtime.session_runtime(sess)})")
+                sessions[(name, rt)] = sess
+            except Exception as e:  # noqa: BLE001 - another runtime failing on a file is recorded, not fatal
+                if rt == runtime.ONNXRUNTIME:
+                    raise
+                errors[(name, rt)] = f"{type(e).__name__}: {str(e)[:300]}"
+                log(f"{rt} cannot run {Path(path).name}: {errors[(name, rt)]}")
+    return sessions, errors
+
+
+def compare_latency(paths: dict, input_size, threads: int, runs: int, rounds: int = 2, runtimes=None) -> dict:
+    """CPU latency of several model files measured side by side: `rounds` interleaved rounds of
+    (model A b1, A b32, model B b1, B b32, ...), each model on each of its runtimes (`runtimes`: {name: [runtime,
+    ...]}, default ONNX Runtime only); per figure the best round's median (the least disturbed by other jobs on a
+    shared machine). -> {name: {"latency_ms_b1", "latency_ms_b32"}} (ONNX Runtime's CPU EP), plus for the names
+    in `runtimes` "runtimes": {runtime: {"latency_ms_b1", "latency_ms_b32"} or {"error"}}"""
     rng = np.random.default_rng(0)
     b1 = rng.standard_normal((1, *input_size)).astype(np.float32)
     b32 = rng.standard_normal((32, *input_size)).astype(np.float32)
-    sessions = {name: runtime.make_session(path, "cpu", threads) for name, path in paths.items()}
-    best: dict = {name: {} for name in paths}
+    runtimes = runtimes or {}
+    sessions, errors = _timed_sessions(paths, threads, runtimes)
+    best: dict = {key: {} for key in sessions}
     for _ in range(max(1, rounds)):
-        for name, sess in sessions.items():
-            for key, x, n in (("latency_ms_b1", b1, runs), ("latency_ms_b32", b32, max(3, runs // 3))):
+        for key, sess in sessions.items():
+            for col, x, n in (("latency_ms_b1", b1, runs), ("latency_ms_b32", b32, max(3, runs // 3))):
                 ms = runtime.measure_latency_ms(sess, x, n)
-                best[name][key] = round(min(ms, best[name].get(key, ms)), 3)
-    return best
+                best[key][col] = round(min(ms, best[key].get(col, ms)), 3)
+    out = {name: dict(best[(name, runtime.ONNXRUNTIME)]) for name in paths}
+    for name, rts in runtimes.items():
+        out[name]["runtimes"] = {rt: best.get((name, rt)) or {"error": errors.get((name, rt), "not measured")}
+                                 for rt in rts}
+    return out
+
+
+# ----------------------------------------------------------------------------- runtimes: checked, then recommended
+
+def runtime_list(ce) -> list[str]:
+    """export.runtimes: auto = every CPU runtime installed here (onnxruntime first); onnxruntime = that one only."""
+    return runtime.cpu_runtimes() if ce.runtimes == "auto" else [runtime.ONNXRUNTIME]
+
+
+def check_runtime(stage: Stage, rt: str, path: Path, ref: tuple, x_test, y_test, pool) -> dict:
+    """A runtime other than ONNX Runtime on one shipped file: its report accuracy, top-1 agreement with ONNX
+    Runtime on the report and selection splits (>= export.min_top1_agreement: the same model must give the same
+    answers), and its selection accuracy against the end-to-end budget (paired vs the teacher; when the ONNX
+    Runtime file itself misses it, the other runtime must be no less accurate than it)."""
+    ce, max_drop = stage.cfg.export, stage.cfg.run.max_accuracy_drop
+    sess = runtime.make_session(path, "cpu", ce.latency_threads, runtime=rt)
+    rep, sel = run_onnx(sess, x_test), run_onnx(sess, pool.x)
+    agree = {"report": float((rep.argmax(1) == ref[0].argmax(1)).mean()),
+             "selection": float((sel.argmax(1) == ref[1].argmax(1)).mean())}
+    vs_teacher = budget.paired_drop(pool.teacher_correct, sel.argmax(1) == pool.y, max_drop)
+    ref_correct = int((ref[1].argmax(1) == pool.y).sum())
+    budget_ok = vs_teacher["ok"] or (int((sel.argmax(1) == pool.y).sum()) >= ref_correct
+                                     and not budget.paired_drop(pool.teacher_correct, ref[1].argmax(1) == pool.y,
+                                                                max_drop)["ok"])
+    low = [f"top-1 agreement with onnxruntime {v:.4f} on the {k} split < export.min_top1_agreement="
+           f"{ce.min_top1_agreement}" for k, v in agree.items() if v < ce.min_top1_agreement]
+    reason = "; ".join(low + ([] if budget_ok else [f"misses run.max_accuracy_drop: {vs_teacher['reason']}"]))
+    return {"accuracy": accuracy(rep, y_test), "selection_accuracy": accuracy(sel, pool.y),
+            "top1_agreement_with_onnxruntime": agree, "max_abs_diff_vs_onnxruntime": float(np.abs(rep - ref[0]).max()),
+            "vs_teacher_selection": vs_teacher, "ok": not reason, "reason": reason or "agrees with onnxruntime, "
+            "within the end-to-end budget"}
+
+
+def runtime_rows(stage: Stage, paths: dict, lat: dict, x_test, y_test, pool, warnings_: list) -> dict:
+    """Every measured CPU runtime on the shipped file(s) ({row name: path}): latency from compare_latency's
+    interleaved rounds, report accuracy, and the checks of check_runtime for runtimes other than ONNX Runtime.
+    -> {runtime: {"version", row name: {...figures, "ok", "reason"}}}"""
+    threads = stage.cfg.export.latency_threads
+    refs = {}
+    for name, path in paths.items():
+        sess = runtime.make_session(path, "cpu", threads)
+        refs[name] = (run_onnx(sess, x_test), run_onnx(sess, pool.x))
+    table: dict = {}
+    for rt in runtime_list(stage.cfg.export):
+        table[rt] = {"version": runtime.runtime_version(rt)}
+        for name, path in paths.items():
+            timing = lat[name].get("runtimes", {}).get(rt) or {"error": "not measured"}
+            if "error" in timing:
+                table[rt][name] = {**timing, "ok": False, "reason": timing["error"]}
+            elif rt == runtime.ONNXRUNTIME:
+                table[rt][name] = {**timing, "accuracy": accuracy(refs[name][0], y_test), "ok": True,
+                                   "reason": "the reference runtime"}
+            else:
+                table[rt][name] = {**timing, **check_runtime(stage, rt, path, refs[name], x_test, y_test, pool)}
+            if not table[rt][name]["ok"]:
+                warnings_.append(f"{rt} is not recommended for {Path(path).name}: {table[rt][name]['reason']}")
+                log("WARNING: " + warnings_[-1])
+    return table
+
+
+def recommendations(table: dict, files: dict, int8_speedup: dict | None, machine: dict, warnings_: list) -> dict:
+    """model.json `recommended` for CPUs like the export host's: `cpu` the fastest checked (file, runtime) at batch 1,
+    `server-cpu` the fastest at batch 32 (the server batches). Each entry: variant, file, runtime, why (the
+    `cuda`/`server-cuda` entries come from recommend_cuda)."""
+    names = {"onnx_int8": "int8", "onnx_fp32": "fp32"}
+    options = [(rt, row) for rt, entry in table.items() for row in names if entry.get(row, {}).get("ok")]
+
+    def fastest(col: str, key: str) -> dict:
+        rt, row = min(options, key=lambda o: (table[o[0]][o[1]][col], o[1] != "onnx_int8", o[0] != runtime.ONNXRUNTIME))
+        others = ", ".join(f"{r} {names[w]} {table[r][w][col]:.2f} ms" for r, w in options if (r, w) != (rt, row))
+        return {"variant": names[row], "file": files[names[row]], "runtime": rt, "execution_provider": "CPU",
+                col: table[rt][row][col], "why": f"fastest measured at batch {key} on the export host's CPU "
+                f"({machine['cpu']}): {table[rt][row][col]:.2f} ms" + (f" (vs {others})" if others else "")}
+
+    if int8_speedup and int8_speedup["b1"] < 1.0:
+        warnings_.append(f"int8 is not faster than fp32 on ONNX Runtime on this CPU ({int8_speedup['b1']:.2f}x at "
+                         "batch 1)")
+    return {"cpu": fastest("latency_ms_b1", "1"), "server-cpu": fastest("latency_ms_b32", "32")}
 
 
 # ----------------------------------------------------------------------------- candidates and the end-to-end budget
@@ -488,7 +592,7 @@ def report_lines(run_dir: Path, report: dict) -> list[str]:
         lines += ["", "Phone files (fixed batch 1; ONNX Runtime's mobile usability checker):", "",
                   *mobile.report_lines(report["phones"]), ""]
     lines.append("- stage wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in report["stage_seconds"].items()))
-    lines.append(f"- recommended: cpu = **{report['recommended']['cpu']}**, cuda = {report['recommended']['cuda']}")
+    lines += runtime_lines(report)
     lines += [f"- **WARNING**: {w}" for w in report["warnings"]]
     return lines + ["", "![accuracy vs latency vs size](report.png)", ""]
 
@@ -524,6 +628,48 @@ def _plot(run_dir: Path, report: dict) -> None:
     ax.grid(alpha=0.3, which="both")
     artifacts.save_figure(fig, run_dir / "report.png")
     plt.close(fig)
+
+
+def _entry_text(entry) -> str:
+    if isinstance(entry, str):   # exports before runtimes were recorded
+        return entry
+    return f"{entry.get('variant') or entry.get('file')} on {entry.get('runtime', runtime.ONNXRUNTIME)}"
+
+
+def runtime_lines(report: dict) -> list[str]:
+    """report.md: the shipped file(s) on every CPU runtime measured, and what `recommended` says."""
+    rec = report["recommended"]
+    lines = [f"- recommended: cpu = **{_entry_text(rec['cpu'])}**, server-cpu = **{_entry_text(rec['server-cpu'])}**"
+             f", cuda = {_entry_text(rec['cuda'])}" if "server-cpu" in rec else
+             f"- recommended: cpu = **{_entry_text(rec['cpu'])}**, cuda = {_entry_text(rec['cuda'])}"]
+    table = report.get("runtimes") or {}
+    base = (table.get(runtime.ONNXRUNTIME) or {}).get("onnx_fp32") or {}
+    if not table:
+        return lines
+    lines += ["", f"Runtimes on this CPU ({report['machine']['cpu']}), side by side in the same interleaved rounds; "
+              "speed-up vs ONNX Runtime fp32 of the same model; other runtimes checked against ONNX Runtime "
+              "(top-1 agreement, report/selection split) and the end-to-end budget:", "",
+              "| runtime | file | b1 (ms) | b32 (ms) | speed-up b1 | speed-up b32 | accuracy | agreement | ok |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for rt, entry in table.items():
+        for row in ("onnx_fp32", "onnx_int8"):
+            r = entry.get(row)
+            if not r or "latency_ms_b1" not in r:
+                continue
+            sp = [f"{base[c] / r[c]:.2f}x" if base.get(c) else "—" for c in ("latency_ms_b1", "latency_ms_b32")]
+            agree = r.get("top1_agreement_with_onnxruntime")
+            lines.append(f"| {rt} {entry.get('version') or ''} | {row} | {r['latency_ms_b1']:.2f} | "
+                         f"{r['latency_ms_b32']:.2f} | {sp[0]} | {sp[1]} | {r.get('accuracy', 0):.4f} | "
+                         + (f"{agree['report']:.4f} / {agree['selection']:.4f}" if agree else "reference")
+                         + f" | {'yes' if r['ok'] else 'no: ' + r['reason']} |")
+    return lines + [""]
+
+
+def measured_on(threads: int) -> str:
+    m = _machine()
+    return (f"latency measured on the export host's CPU only: {m['cpu']} ({m['cpu_count']} logical CPUs, "
+            f"{threads} threads); another CPU can rank the runtimes and int8/fp32 differently: re-export there "
+            f"or run benchmarks/speed.py on it")
 
 
 def _machine() -> dict:
@@ -664,24 +810,22 @@ def measure_and_report(stage: Stage, data, cand: dict, fp: dict, int8_attempt, p
     int8_speedup = ({"b1": round(lat["onnx_fp32"]["latency_ms_b1"] / lat["onnx_int8"]["latency_ms_b1"], 3),
                      "b32": round(lat["onnx_fp32"]["latency_ms_b32"] / lat["onnx_int8"]["latency_ms_b32"], 3)}
                     if int8_attempt else None)
-    recommended = {"cpu": "int8" if int8_attempt and int8_speedup["b1"] >= 1.0 else "fp32", "cuda": "fp32"}
-    if int8_speedup and int8_speedup["b1"] < 1.0:
-        warnings_.append(f"int8 is not faster than fp32 on this CPU ({int8_speedup['b1']:.2f}x at batch 1): "
-                         "recommended.cpu = fp32")
     files = {"fp32": "model.fp32.onnx", "int8": "model.int8.onnx" if int8_attempt else None}
+    runtimes = runtime_rows(stage, {n: stage.dir / rows[n]["file"] for n in ("onnx_fp32", "onnx_int8")
+                                    if rows[n].get("accuracy") is not None}, lat, x_test, y_test, pool, warnings_)
+    recommended = recommendations(runtimes, files, int8_speedup, _machine(), warnings_)
+    recommended.update(recommend_cuda(stage.dir, pool, files))   # measured on CUDA when usable, else fp32 by rule
     if ce.quantization == "fp16":
         rows["fp16"] = write_fp16(stage, pool, x_test, y_test, warnings_)
         files["fp16"] = "model.fp16.onnx"
     files["ort"] = Path(files["int8"] or files["fp32"]).with_suffix(".ort").name if ce.mobile else None
-    card = write_card(stage, fp, cand, classes, pre, rows, shipped, recommended, files, data)
+    card = write_card(stage, fp, cand, classes, pre, rows, shipped, recommended, files, data, runtimes)
     mobile = write_mobile(stage, files, x_test, y_test, pool, correct, warnings_) if ce.mobile else None
     phones = write_phone_files(stage, files, x_test, y_test, pool, pre, warnings_) if ce.mobile else None
     # model.json only (the files can't hold their own hashes, nor what was made from them afterwards)
-    card["recommended"].update({"server-cpu": {"file": files["int8"] if recommended["cpu"] == "int8" else files["fp32"],
-                                               "execution_provider": "CPU", "why": "fastest measured on this CPU"},
-                                "server-cuda": {"file": files["fp32"], "execution_provider": "CUDA",
-                                                "why": "fp32 on the GPU; int8 QDQ gains little on CUDA EP"},
-                                **(phones["recommended"] if phones else {})})
+    card["recommended"].update(phones["recommended"] if phones else {})
+    for entry in card["recommended"].values():   # phone and edge files: ONNX Runtime (Mobile) with their EP
+        entry.setdefault("runtime", runtime.ONNXRUNTIME)
     if phones:
         card["mobile"] = {"checker": phones["checker"], "models": phones["models"], "files": phones["files"],
                           "reduced_build": phones["reduced_build"]}
@@ -702,12 +846,89 @@ def measure_and_report(stage: Stage, data, cand: dict, fp: dict, int8_attempt, p
                  "calibration_images": ce.calibration_images, "calibration_method": ce.calibration_method,
                  "per_channel": ce.per_channel},
         "mobile": mobile, "phones": {k: v for k, v in phones.items() if k != "logits"} if phones else None,
-        "recommended": card["recommended"], "warnings": warnings_,
+        "recommended": card["recommended"], "runtimes": runtimes, "warnings": warnings_,
         "stage_seconds": stage_seconds(cfg, stage), "threads": {"onnxruntime": ce.latency_threads,
                                                                 "torch": torch.get_num_threads()},
         "latency_runs": ce.latency_runs, "latency_rounds": ce.latency_rounds, "machine": _machine(),
         "sha256": card["sha256"], "versions": artifacts.package_versions(),
     }
+
+
+CUDA_RULE = "int8 QDQ tends to gain little on the CUDA execution provider"
+
+
+def recommend_cuda(export_dir: Path, pool: Candidates, files: dict) -> dict:
+    """model.json `recommended` for `cuda` and `server-cuda` (the same entry): variant, file, runtime, why, measured.
+
+    With a usable CUDA execution provider (runtime.cuda_usable(): onnxruntime-gpu, a GPU, and a session that
+    really runs on it) int8 and fp32 are measured on CUDA (measure_cuda) and int8 is recommended when it passes
+    the accuracy gates there and is faster at batch 1 and at batch 32. Otherwise (no int8 file, no usable CUDA, or
+    the measurement failed) fp32 by rule, and `why` says that nothing was measured."""
+    entry = _cuda_choice(export_dir, pool, files.get("int8") is not None)
+    entry.update(file=files[entry["variant"]], runtime=runtime.ONNXRUNTIME, execution_provider="CUDA")
+    return {"cuda": entry, "server-cuda": dict(entry)}
+
+
+def _cuda_choice(export_dir: Path, pool: Candidates, has_int8: bool) -> dict:
+    rule = {"variant": "fp32", "measured": None}
+    if not has_int8:
+        return {**rule, "why": "fp32: the only file written"}
+    if not runtime.cuda_usable():
+        return {**rule, "why": f"fp32 by rule, not measured: no usable CUDA execution provider on the export machine "
+                               f"({CUDA_RULE}); export on a GPU machine with onnxruntime-gpu to measure int8 vs fp32"}
+    try:
+        measured = measure_cuda(export_dir, pool)
+    except Exception as e:  # noqa: BLE001 - a broken CUDA setup must not fail the export: the rule still holds
+        log(f"measuring int8 vs fp32 on CUDA failed ({type(e).__name__}: {str(e)[:200]}); recommended.cuda = fp32")
+        return {**rule, "why": f"fp32 by rule, not measured: the CUDA measurement failed ({type(e).__name__}: "
+                               f"{str(e)[:200]})"}
+    fp32, int8 = measured["fp32"], measured["int8"]
+    faster = all(int8[f"cuda_ms_{b}"] < fp32[f"cuda_ms_{b}"] for b in ("b1", "b32"))
+    variant = "int8" if int8["ok"] and faster else "fp32"
+    times = ", ".join(f"{v} {measured[v]['cuda_ms_b1']:.2f} ms at batch 1 / {measured[v]['cuda_ms_b32']:.2f} ms at "
+                      f"batch {measured['batch']}" for v in ("int8", "fp32"))
+    failed = [g for g, ok in int8["gates"].items() if not ok]
+    why = (f"measured on CUDA: {times}; int8 " + ("passes the accuracy gates" if not failed else
+                                                  f"fails {', '.join(failed)}") + f" -> {variant}")
+    log(f"recommended.cuda = {variant} ({why})")
+    return {"variant": variant, "why": why, "measured": measured}
+
+
+def measure_cuda(export_dir: Path, pool: Candidates) -> dict:
+    """int8 and fp32 on the CUDA execution provider: latency (median ms, batch 1 and a batch of up to 32 selection
+    images) and parity with their own CPU run (runtime.compare_cuda_cpu), then the whole selection split through
+    CUDA, judged like the int8 file was on the CPU: top-1 agreement with its CPU run >= export.min_top1_agreement,
+    within export.max_int8_drop of fp32 (here on CUDA), within run.max_accuracy_drop of the teacher and not below
+    the student's probe (paired, pipeline.budget)."""
+    ce, cfg = pool.ce, pool.cfg
+    paths = {"int8": export_dir / "model.int8.onnx", "fp32": export_dir / "model.fp32.onnx"}
+    batch = pool.x[:32]
+    b32, b1 = (runtime.compare_cuda_cpu(paths, x, runs=ce.latency_runs, threads=ce.latency_threads,
+                                        parity_atol=ce.parity_atol)["variants"] for x in (batch, batch[:1]))
+    out: dict = {"batch": int(len(batch))}
+    for v, path in paths.items():
+        cuda = run_onnx(runtime.make_session(path, "cuda"), pool.x)
+        cpu = run_onnx(runtime.make_session(path, "cpu", ce.latency_threads), pool.x)
+        correct = cuda.argmax(1) == pool.y
+        out[v] = {"cuda_ms_b1": b1[v]["cuda_ms"], "cuda_ms_b32": b32[v]["cuda_ms"], "cpu_ms_b1": b1[v]["cpu_ms"],
+                  "cpu_ms_b32": b32[v]["cpu_ms"], "on_cuda": bool(b32[v]["on_cuda"] and b1[v]["on_cuda"]),
+                  "max_abs_diff_vs_cpu": float(np.abs(cuda.astype(np.float64) - cpu).max()),
+                  "top1_agreement_vs_cpu": float((cuda.argmax(1) == cpu.argmax(1)).mean()),
+                  "selection_accuracy": float(correct.mean()), "correct": correct}
+    for v in paths:
+        r, correct = out[v], out[v].pop("correct")
+        r["gates"] = {"on CUDA": r["on_cuda"], "agreement with its CPU run": r["top1_agreement_vs_cpu"]
+                      >= ce.min_top1_agreement,
+                      "run.max_accuracy_drop vs the teacher":
+                          budget.paired_drop(pool.teacher_correct, correct, cfg.run.max_accuracy_drop)["ok"],
+                      "the student's probe": pool.probe_correct is None
+                          or budget.paired_drop(pool.probe_correct, correct, 0.0)["ok"]}
+        if v == "int8":
+            r["gates"]["export.max_int8_drop vs fp32"] = (out["fp32"]["selection_accuracy"] - r["selection_accuracy"]
+                                                          <= ce.max_int8_drop + 1e-12)
+        r["gates"] = {gate: bool(ok) for gate, ok in r["gates"].items()}
+        r["ok"] = all(r["gates"].values())
+    return out
 
 
 def onnx_rows(stage: Stage, teacher_onnx: Path, tpre: dict, pre: dict, has_int8: bool, cand: dict, x_test, y_test,
@@ -717,13 +938,14 @@ def onnx_rows(stage: Stage, teacher_onnx: Path, tpre: dict, pre: dict, has_int8:
     paths = {"teacher_onnx": teacher_onnx, "onnx_fp32": stage.dir / "model.fp32.onnx"}
     if has_int8:
         paths["onnx_int8"] = stage.dir / "model.int8.onnx"
+    rts = {k: runtime_list(ce) for k in paths if k != "teacher_onnx"}   # the shipped files on every CPU runtime
     if tpre["input_size"] != pre["input_size"]:  # one input per call: time the teacher at its own size
         lat = compare_latency({k: v for k, v in paths.items() if k != "teacher_onnx"}, pre["input_size"],
-                              ce.latency_threads, ce.latency_runs, ce.latency_rounds)
+                              ce.latency_threads, ce.latency_runs, ce.latency_rounds, rts)
         lat["teacher_onnx"] = compare_latency({"t": teacher_onnx}, tpre["input_size"], ce.latency_threads,
                                               ce.latency_runs, ce.latency_rounds)["t"]
     else:
-        lat = compare_latency(paths, pre["input_size"], ce.latency_threads, ce.latency_runs, ce.latency_rounds)
+        lat = compare_latency(paths, pre["input_size"], ce.latency_threads, ce.latency_runs, ce.latency_rounds, rts)
     for name in ("onnx_fp32", "onnx_int8"):
         if name not in paths:
             rows[name] = {"accuracy": None, "note": "not shipped: see candidates"}
@@ -789,12 +1011,15 @@ def stage_seconds(cfg, stage: Stage) -> dict:
     for name in ("finetune", "compress"):
         path = cfg.run_dir / name / artifacts.MANIFEST
         if path.exists():
-            out[name] = artifacts.read_json(path).get("timings", {}).get("total_seconds", 0.0)
+            seconds = artifacts.read_json(path).get("timings", {}).get("total_seconds")
+            if isinstance(seconds, (int, float)):  # a hand-edited or foreign manifest must not break the report
+                out[name] = seconds
     out["export"] = round(time.perf_counter() - stage.t_start, 1)
     return out
 
 
-def write_card(stage: Stage, fp: dict, cand: dict, classes, pre, rows, shipped, recommended, files, data) -> dict:
+def write_card(stage: Stage, fp: dict, cand: dict, classes, pre, rows, shipped, recommended, files, data,
+               runtimes: dict | None = None) -> dict:
     """The model card: in model.json and in the metadata of every shipped ONNX file (the same dict)."""
     import onnx
 
@@ -812,7 +1037,8 @@ def write_card(stage: Stage, fp: dict, cand: dict, classes, pre, rows, shipped, 
         "shipped": shipped, "files": dict(files), "recommended": recommended,
         "latency_ms_cpu": {k: {m: rows[k][m] for m in ("latency_ms_b1", "latency_ms_b32")}
                            for k in ("onnx_fp32", "onnx_int8") if rows[k].get("accuracy") is not None},
-        "measured_on": "the export machine's CPU only (ONNX Runtime CPU EP); other hosts differ",
+        "runtimes": runtimes or {},
+        "measured_on": measured_on(stage.cfg.export.latency_threads),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     for name in [f for f in (files["fp32"], files["int8"]) if f]:

@@ -25,7 +25,6 @@ reported are on the report split (`test`), which no decision touched.
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +32,8 @@ from torch import nn
 
 from models import backbone_blocks, build_model, find_head, load_model_artifact, save_model_artifact
 from pipeline import artifacts, engine, probe
-from pipeline.data import class_counts, make_loader, prepare_data_all_ranks, resolve_preprocessing, steps_per_epoch, summary
+from pipeline.data import (class_counts, eval_loaders, make_loader, prepare_data_all_ranks, resolve_preprocessing,
+                           steps_per_epoch, summary)
 from pipeline.stage import Stage
 
 STAGE = "finetune"
@@ -202,26 +202,18 @@ def load_matching_checkpoint(stage: Stage, chash: str, data) -> dict | None:
 
 
 def fit_teacher_probe(stage: Stage, model: nn.Module, pre: dict, data, num_classes: int, as_head: bool = True):
-    """The frozen-feature probe of the pretrained teacher (rank 0 fits; with as_head every rank gets it as the
-    head). None when the model's head is not a Linear layer (e.g. squeezenet's 1x1 conv after a ReLU)."""
+    """The frozen-feature probe of the pretrained teacher: every rank extracts the features of its shard, rank 0
+    fits, every rank gets the result (probe.fit_sharded); with as_head it becomes the head on every rank. None when
+    the model's head is not a Linear layer (e.g. squeezenet's 1x1 conv after a ReLU)."""
     if not probe.supported(model):
         stage.log(f"no probe: the head of {stage.cfg.teacher.name} is not a Linear layer on pooled features")
         return None
-    info = None
-    if stage.is_main:
-        t0 = time.perf_counter()
-        loaders = {s: make_loader(getattr(data, s), pre, stage.cfg, train=False) for s in ("train", "val", "test")}
-        fitted, feats = probe.probe_model(model, loaders, stage.device, num_classes, stage.cfg.run.seed)
-        test_logits = probe.probe_logits(fitted, feats["test"][0])
-        info = {"weight": fitted["weight"], "bias": fitted["bias"], "C": fitted["C"],
-                "selection_accuracy": fitted["selection_accuracy"],
-                "test_accuracy": float((test_logits.argmax(1) == feats["test"][1]).mean()),
-                "similarity": probe.similarity(fitted["selection_accuracy"], num_classes),
-                "seconds": round(time.perf_counter() - t0, 2)}
-        stage.log(f"probe (logistic regression on frozen pooled features, C={info['C']:g}): selection accuracy "
-                  f"{info['selection_accuracy']:.4f}, report-split accuracy {info['test_accuracy']:.4f}, "
-                  f"similarity {info['similarity']:.2f} ({info['seconds']:.0f}s)")
-    info = engine.broadcast_object(info)
+    info = probe.fit_sharded(model, {s: getattr(data, s) for s in ("train", "val", "test")},
+                             eval_loaders(pre, stage.cfg, stage.device), stage.device, num_classes, stage.cfg.run.seed)
+    info["similarity"] = probe.similarity(info["selection_accuracy"], num_classes)
+    stage.log(f"probe (logistic regression on frozen pooled features, C={info['C']:g}): selection accuracy "
+              f"{info['selection_accuracy']:.4f}, report-split accuracy {info['test_accuracy']:.4f}, "
+              f"similarity {info['similarity']:.2f} ({info['seconds']:.0f}s)")
     if as_head:
         probe.set_head(engine.unwrap(model), info)
     return {k: v for k, v in info.items() if k not in ("weight", "bias")}
@@ -259,7 +251,7 @@ def run(cfg, force: bool = False) -> dict:
     stage.log(f"{cfg.teacher.name} ({engine.count_params(model) / 1e6:.2f}M params) on {stage.device}, strategy "
               f"{strategy}: {regime['why']}; " + ", ".join(f"{p['name']} x{p['epochs']}" for p in phases)
               + f"; input {pre['input_size']}, {pre['interpolation']}, mean {pre['mean']}")
-    if ckpt is None and state["probe"] and cfg.finetune.probe_init and stage.is_main:
+    if ckpt is None and state["probe"] and cfg.finetune.probe_init:  # every rank: the evaluation is sharded
         consider_best(stage, model, pre, data, state, epoch=-1, label="probe")
     state = train(stage, model, pre, data, phases, state, ckpt, chash)
     result = finish(stage, pre, data, strategy, regime, phases, state, chash, inputs) if stage.is_main else {}
@@ -268,15 +260,17 @@ def run(cfg, force: bool = False) -> dict:
 
 
 def consider_best(stage: Stage, model: nn.Module, pre: dict, data, state: dict, epoch: int, label: str,
-                  loader=None) -> dict:
-    """Evaluate on the selection split; keep best.pt when it beats the best so far (rank 0)."""
-    loader = loader or make_loader(data.val, pre, stage.cfg, train=False)
-    val = engine.evaluate(model, loader, stage.device, len(data.classes), data.classes)
+                  make_eval=None) -> dict:
+    """Evaluate on the selection split, split over the DDP ranks (every rank calls this and gets the same metrics:
+    engine.evaluate_sharded); rank 0 keeps best.pt when it beats the best so far. make_eval: eval_loaders(...)."""
+    make_eval = make_eval or eval_loaders(pre, stage.cfg, stage.device)
+    val = engine.evaluate_sharded(model, data.val, make_eval, stage.device, len(data.classes), data.classes)
     if val["accuracy"] > state["best_accuracy"]:
         state["best_accuracy"], state["best_epoch"] = val["accuracy"], epoch
-        save_model_artifact(stage.dir / "best.pt", model, name=stage.cfg.teacher.name, classes=data.classes,
-                            preprocessing=pre, extra={"epoch": epoch, "selected": label,
-                                                      "val_accuracy": val["accuracy"]})
+        if stage.is_main:
+            save_model_artifact(stage.dir / "best.pt", model, name=stage.cfg.teacher.name, classes=data.classes,
+                                preprocessing=pre, extra={"epoch": epoch, "selected": label,
+                                                          "val_accuracy": val["accuracy"]})
     return val
 
 
@@ -316,7 +310,7 @@ def train(stage: Stage, model, pre: dict, data, phases: list[dict], state: dict,
                   f"{state['best_accuracy']:.4f})")
     total = sum(p["epochs"] for p in phases)
     phase_idx, optimizer, scheduler, ddp_model = None, None, None, model
-    val_loader = make_loader(data.val, pre, cfg, train=False) if stage.is_main else None
+    make_eval = eval_loaders(pre, cfg, device)  # the selection split's loader(s), kept across epochs
 
     def save(epoch: int, step: int) -> None:
         if stage.is_main:
@@ -348,7 +342,7 @@ def train(stage: Stage, model, pre: dict, data, phases: list[dict], state: dict,
             if every > 0 and s % every == 0 and s < steps:
                 save(epoch, s)
         loader = make_loader(data.train, pre, cfg, train=True, epoch=epoch, start_step=state["step"],
-                             rank=stage.dist.rank, world_size=stage.dist.world_size)
+                             rank=stage.dist.rank, world_size=stage.dist.world_size, device=device)
         result = engine.train_one_epoch(
             ddp_model, loader, optimizer, scheduler, lambda m, b: _ce(m, b, cfg.finetune.label_smoothing), device,
             amp=amp, scaler=scaler, grad_clip=cfg.finetune.grad_clip, channels_last=channels_last,
@@ -357,9 +351,9 @@ def train(stage: Stage, model, pre: dict, data, phases: list[dict], state: dict,
             desc=f"epoch {epoch + 1}/{total} {phases[idx]['name']}",
             train_mode=lambda m: train_mode_keeping_frozen_bn(m, cfg.finetune.freeze_bn_stats))
         state["train_seconds"] += result["seconds"]
-        if stage.is_main:
-            record_epoch(stage, ema.module if ema is not None else model, pre, data, state, epoch, total,
-                         phases[idx]["name"], optimizer, result, val_loader)
+        # every rank: the selection-split evaluation is split over the ranks (issue 15 #3)
+        record_epoch(stage, ema.module if ema is not None else model, pre, data, state, epoch, total,
+                     phases[idx]["name"], optimizer, result, make_eval)
         state = engine.broadcast_object(state)
         state["epoch"], state["step"] = epoch + 1, 0
         save(epoch + 1, 0)
@@ -374,9 +368,9 @@ def _ce(model, batch, label_smoothing: float):
 
 
 def record_epoch(stage: Stage, model, pre, data, state, epoch, total, phase_name, optimizer, train_result,
-                 val_loader) -> None:
+                 make_eval) -> None:
     val = consider_best(stage, model, pre, data, state, epoch, "epoch (EMA weights)" if stage.cfg.finetune.ema_decay
-                        else "epoch", val_loader)
+                        else "epoch", make_eval)
     record = {"epoch": epoch, "phase": phase_name, "lr": optimizer.param_groups[0]["lr"],
               "train_loss": train_result["loss"], "train_accuracy": train_result["accuracy"],
               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
@@ -392,8 +386,8 @@ def finish(stage: Stage, pre, data, strategy, regime, phases, state, chash, inpu
     """The best checkpoint on both splits, the teacher artifact, metrics, plots, manifest (rank 0)."""
     cfg, device, classes = stage.cfg, stage.device, data.classes
     best, best_meta = load_model_artifact(stage.dir / "best.pt", device)
-    val = engine.evaluate(best, make_loader(data.val, pre, cfg, train=False), device, len(classes), classes)
-    test = engine.evaluate(best, make_loader(data.test, pre, cfg, train=False), device, len(classes), classes)
+    val, test = (engine.evaluate(best, make_loader(split, pre, cfg, train=False, device=device), device, len(classes),
+                                 classes) for split in (data.val, data.test))
     splits = data.describe()
     selected = best_meta["extra"].get("selected", "epoch")
     stage.log(f"best: {selected}" + (f" {state['best_epoch'] + 1}" if state["best_epoch"] >= 0 else "")

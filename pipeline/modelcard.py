@@ -54,3 +54,51 @@ def read_card(path) -> dict:
 
     model = onnx.load(str(path), load_external_data=False)
     return card_from_metadata({p.key: p.value for p in model.metadata_props})
+
+
+# ----------------------------------------------------------------------------- model.json `recommended`
+DEFAULT_RUNTIME = "onnxruntime"   # what an entry without `runtime` (older exports) means
+
+
+def recommended_entry(card: dict, key: str) -> dict | None:
+    """model.json `recommended[key]` as a dict with at least `variant` (when known), `file` and `runtime`.
+
+    Accepts every form exports have written: today's {"variant", "file", "runtime", ...}, the per-platform
+    {"file", "execution_provider", ...} without `runtime`, and the older bare variant name ("int8"/"fp32").
+    A missing `runtime` means ONNX Runtime. None when the card has no such entry."""
+    entry = (card.get("recommended") or {}).get(key)
+    files = card.get("files") or {}
+    if entry is None:
+        return None
+    if isinstance(entry, str):
+        entry = {"variant": entry, "file": files.get(entry)}
+    elif not isinstance(entry, dict):
+        raise ValueError(f"model.json recommended.{key} must be an object or a variant name, got {entry!r}")
+    entry = dict(entry)
+    if not entry.get("variant") and entry.get("file"):
+        entry["variant"] = next((v for v, f in files.items() if f == entry["file"]), None)
+    if not entry.get("file") and entry.get("variant"):
+        entry["file"] = files.get(entry["variant"])
+    entry["runtime"] = entry.get("runtime") or DEFAULT_RUNTIME
+    return entry
+
+
+def recommended_runtime(card: dict | None, file_name: str, keys=("cpu",)) -> str:
+    """The runtime `recommended` names for this file under the first of `keys` that lists it; else ONNX Runtime."""
+    for key in keys:
+        entry = recommended_entry(card or {}, key)
+        if entry and entry.get("file") == file_name:
+            return entry["runtime"]
+    return DEFAULT_RUNTIME
+
+
+def sidecar_card(model_path) -> dict | None:
+    """model.json next to a model file (the export folder), or None when there is none or it is unreadable."""
+    from pathlib import Path
+
+    path = Path(model_path).with_name("model.json")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return card if isinstance(card, dict) else None

@@ -9,23 +9,31 @@ Exit status: 0 all images classified, 1 some image unreadable (reported on stder
 
 Labels and preprocessing come from the model's own metadata (written by the export stage), so its
 answers are the server's answers for the same files. Works with .onnx and .ort files.
+
+Runtime (--runtime auto | onnxruntime | openvino): auto uses what model.json next to the file recommends for
+it (`recommended.cpu.runtime`, measured by the export stage), else ONNX Runtime; OpenVINO needs
+`pip install openvino` and falls back to ONNX Runtime with one log line when it is missing.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
-from pipeline.modelcard import read_card_from_session
+from pipeline.modelcard import read_card_from_session, recommended_runtime, sidecar_card
 from pipeline.preprocess import BadImageError, preprocess, softmax, top_k
-from pipeline.runtime import make_session
+from pipeline.runtime import RUNTIMES, make_session, session_runtime
 
 
 class Predictor:
-    def __init__(self, model_path, device: str = "cpu", threads: int = 0):
-        self.session = make_session(model_path, device, threads)
+    def __init__(self, model_path, device: str = "cpu", threads: int = 0, runtime: str = "auto"):
+        if runtime == "auto":
+            runtime = recommended_runtime(sidecar_card(model_path), Path(model_path).name, ("cpu", "edge-cpu"))
+        self.session = make_session(model_path, device, threads, runtime=runtime)
+        self.runtime = session_runtime(self.session)
         self.card = read_card_from_session(self.session)
         self.labels = self.card["labels"]
         self.input_name = self.session.get_inputs()[0].name
@@ -51,9 +59,11 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object per image")
+    ap.add_argument("--runtime", default="auto", choices=("auto", *RUNTIMES),
+                    help="auto: what model.json next to the model recommends for it (else onnxruntime)")
     args = ap.parse_args(argv)
     try:
-        predictor = Predictor(args.model, "cpu", args.threads)
+        predictor = Predictor(args.model, "cpu", args.threads, args.runtime)
     except Exception as e:  # noqa: BLE001 - missing file, not an ONNX model, no labels/preprocessing metadata
         print(f"error: cannot use {args.model} as a model: {e}", file=sys.stderr)
         return 2

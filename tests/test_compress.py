@@ -173,7 +173,7 @@ def test_prune_to_target_keeps_head_rounds_channels_and_reloads_exactly(make_con
 
 
 def test_prune_to_params_target(make_config):
-    cfg = make_config()
+    cfg = make_config("compress.importance=magnitude")  # taylor needs the gradients prune_step computes
     model, _ = build_model("timm:efficientnet_lite0", 3, "none")
     base = engine.count_params(model)
     pruned, _, info = compress.prune_to(model, 0.6 * base, (3, 32, 32), cfg.compress, by="params")
@@ -186,7 +186,7 @@ def test_prune_to_params_target(make_config):
 def test_compress_writes_artifacts_reaches_target_skips_and_reruns(make_config, capsys):
     # The accuracy budget is open here (random teacher, tiny data): with it, reaching the target is what the
     # code guarantees (bisection on measured MACs), on any machine.
-    cfg = make_config(*QUICK, "compress.max_accuracy_drop=1.0")
+    cfg = make_config(*QUICK, "compress.max_accuracy_drop=1.0", "run.max_accuracy_drop=1.0")
     make_teacher(cfg)
     out = compress.run(cfg)
     stage = cfg.run_dir / "compress"
@@ -230,7 +230,7 @@ def test_compress_writes_artifacts_reaches_target_skips_and_reruns(make_config, 
 
     make_teacher(cfg, seed=1)  # a new teacher: rerun
     assert compress.run(cfg)["skipped"] is False
-    cfg2 = make_config(*QUICK, "compress.max_accuracy_drop=1.0", "compress.alpha=0.5")  # a changed config: rerun
+    cfg2 = make_config(*QUICK, "compress.max_accuracy_drop=1.0", "run.max_accuracy_drop=1.0", "compress.alpha=0.5")  # a changed config: rerun
     assert compress.run(cfg2)["skipped"] is False
 
 
@@ -244,7 +244,8 @@ def test_resume_after_interruptions_gives_the_same_weights(make_config, tmp_path
     EfficientNet-Lite0 has dropout and the data is augmented, so this also checks RNG and data order restore.
     """
     common = ("data.batch_size=4", "compress.checkpoint_every_steps=1", "compress.max_steps_per_epoch=3",
-              "compress.latency_runs=2")
+              "compress.latency_runs=2", "run.max_accuracy_drop=1.0",
+              "compress.max_accuracy_drop=1.0")  # budgets open: every step runs, whatever the accuracy
     ref = make_config(*common, run_dir=tmp_path / "ref")
     make_teacher(ref)
     compress.run(ref)
@@ -322,12 +323,13 @@ def test_budget_stops_pruning_and_keeps_the_last_good_model(make_config, monkeyp
     make_teacher(cfg)
     seen: list[int] = []
 
-    def scripted(model, loader, device, num_classes, amp=None):
+    def scripted(model, *args, **kw):  # (model, samples, make_loader, device, num_classes, amp)
         n = engine.count_params(model)
         if n not in seen:
             seen.append(n)
         return [0.90, 0.89, 0.50, 0.40][seen.index(n)]
     monkeypatch.setattr(compress, "_val_accuracy", scripted)
+    monkeypatch.setattr(compress, "_teacher_accuracy", lambda *a, **k: 0.90)
     out = compress.run(cfg)
     assert out["budget_stopped"] is True
     printed = capsys.readouterr().out
@@ -355,7 +357,7 @@ def test_ddp_two_cpu_processes_with_gloo(make_config, tiny_data, tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "pipeline", "compress",
            f"run.dir={run_dir}", f"data.root={tiny_data}", *FAST, "data.batch_size=4", *QUICK,
-           "compress.max_accuracy_drop=1.0"]  # budget open: the test is about the ranks, not accuracy
+           "compress.max_accuracy_drop=1.0", "run.max_accuracy_drop=1.0"]  # budget open: the test is about the ranks, not accuracy
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     m = json.loads((run_dir / "compress" / "metrics.json").read_text())
@@ -374,7 +376,8 @@ def test_kill_9_at_a_random_moment_then_rerun_gives_the_same_weights(make_config
     from conftest import FAST
 
     common = ("data.batch_size=4", "compress.checkpoint_every_steps=1", "compress.max_steps_per_epoch=3",
-              "compress.latency_runs=2")
+              "compress.latency_runs=2", "run.max_accuracy_drop=1.0",
+              "compress.max_accuracy_drop=1.0")  # budgets open: every step runs, whatever the accuracy
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
 
     def command(run_dir):
@@ -400,7 +403,7 @@ def test_kill_9_at_a_random_moment_then_rerun_gives_the_same_weights(make_config
 def test_a_second_run_on_the_same_run_dir_is_refused_and_leftovers_are_cleaned(make_config, tmp_path):
     from pipeline.stage import Stage
 
-    cfg = make_config(*QUICK, "compress.max_accuracy_drop=1.0")
+    cfg = make_config(*QUICK, "compress.max_accuracy_drop=1.0", "run.max_accuracy_drop=1.0")
     make_teacher(cfg)
     (cfg.run_dir / "compress").mkdir(parents=True, exist_ok=True)
     stale = cfg.run_dir / "compress" / ".pruned.pt.abc123.pt.tmp"  # a write killed before its os.replace
@@ -418,3 +421,49 @@ def test_a_second_run_on_the_same_run_dir_is_refused_and_leftovers_are_cleaned(m
         other.wait()
     compress.run(cfg)
     assert not stale.exists()
+
+
+def test_recovery_stops_at_the_first_epoch_back_within_the_end_to_end_budget(make_config, monkeypatch):
+    """Recovery runs up to compress.recovery_epochs, and stops after the first epoch whose selection accuracy is
+    within run.max_accuracy_drop of the unpruned student. Accuracies are scripted per call on the pruned model."""
+    cfg = make_config(*QUICK, "compress.pruning_steps=1", "compress.recovery_epochs=4",
+                      "run.max_accuracy_drop=0.01", "compress.max_accuracy_drop=0.05")
+    make_teacher(cfg)
+    sizes: list[int] = []
+    pruned_calls = iter([0.50, 0.85, 0.895, 0.99, 0.99])  # before recovery, epoch 1, epoch 2 (back), ...
+
+    def scripted(model, *args, **kw):
+        n = engine.count_params(model)
+        if n not in sizes:
+            sizes.append(n)
+        return 0.90 if sizes.index(n) == 0 else next(pruned_calls)
+    monkeypatch.setattr(compress, "_val_accuracy", scripted)
+    monkeypatch.setattr(compress, "_teacher_accuracy", lambda *a, **k: 0.90)
+    compress.run(cfg)
+    m = json.loads((cfg.run_dir / "compress" / "metrics.json").read_text())
+    step = m["pruning_curve"][1]
+    assert [r["val_accuracy"] for r in step["recovery"]] == [0.85, 0.895]  # epochs 3 and 4 never ran
+    assert step["val_accuracy_before_recovery"] == 0.50
+    assert step["val_accuracy_after_recovery"] == 0.99  # judged by a fresh measurement after recovery
+
+
+def test_pruning_stops_once_a_step_is_out_of_reach_of_the_end_to_end_budget(make_config, monkeypatch):
+    """A step inside compress.max_accuracy_drop but more than run.max_accuracy_drop plus one image below the teacher
+    can never ship (export's paired rule), so no further step is tried; that step's model is still saved."""
+    cfg = make_config(*QUICK, "compress.pruning_steps=3", "compress.max_accuracy_drop=1.0")
+    make_teacher(cfg)
+    sizes: list[int] = []
+
+    def scripted(model, *args, **kw):
+        n = engine.count_params(model)
+        if n not in sizes:
+            sizes.append(n)
+        return 0.95 if sizes.index(n) == 0 else 0.0
+    monkeypatch.setattr(compress, "_val_accuracy", scripted)
+    monkeypatch.setattr(compress, "_teacher_accuracy", lambda *a, **k: 0.95)
+    out = compress.run(cfg)
+    m = json.loads((cfg.run_dir / "compress" / "metrics.json").read_text())
+    assert [c["step"] for c in m["pruning_curve"]] == [0, 1]  # steps 2 and 3 never ran
+    assert m["budget"]["stopped"] and "export cannot ship it" in m["budget"]["message"]
+    assert out["budget_stopped"] is True
+    assert (cfg.run_dir / "compress" / "pruned_step1.pt").exists()

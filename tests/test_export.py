@@ -122,7 +122,13 @@ def test_int8_runs_and_its_accuracy_drop_is_computed(exported):
     assert shipped["drop"] == pytest.approx(acc32 - acc8)
     assert np.isfinite(int8).all() and np.abs(int8 - fp32).max() < 10  # quantized, not garbage
     sp = report["int8_speedup"]
-    assert sp["b1"] > 0 and report["recommended"]["cpu"] == ("int8" if sp["b1"] >= 1.0 else "fp32")
+    assert sp["b1"] > 0
+    # recommended.cpu: the fastest (file, runtime) at batch 1 among those that passed their checks
+    table, cpu = report["runtimes"], report["recommended"]["cpu"]
+    ok = {(rt, row): r["latency_ms_b1"] for rt, e in table.items() for row, r in e.items()
+          if isinstance(r, dict) and r.get("ok")}
+    assert (cpu["runtime"], f"onnx_{cpu['variant']}") == min(ok, key=ok.get) and cpu["file"] == f"model.{cpu['variant']}.onnx"
+    assert table["onnxruntime"]["onnx_int8"]["latency_ms_b1"] == report["models"]["onnx_int8"]["latency_ms_b1"]
     if sp["b1"] < 1.0 or sp["b32"] < 1.0:
         assert any("not faster" in w for w in report["warnings"])
 
@@ -149,12 +155,15 @@ def test_metadata_round_trips_and_dynamic_batch(exported):
         assert card["labels"] == meta["classes"] and card["preprocessing"] == meta["preprocessing"]
         assert card["architecture"] == meta["name"] == cfg.student.name and card["pipeline_version"]
         assert [i.name for i in sess.get_inputs()] == ["input"] and [o.name for o in sess.get_outputs()] == ["logits"]
-        assert card["recommended"]["cpu"] == sidecar["recommended"]["cpu"]
+        assert card["recommended"]["cpu"] == sidecar["recommended"]["cpu"] and card["runtimes"] == sidecar["runtimes"]
         for batch in (1, 5):
             out = sess.run(None, {"input": np.zeros((batch, 3, 32, 32), np.float32)})[0]
             assert out.shape == (batch, 3)
     assert sidecar["files"] == {"fp32": "model.fp32.onnx", "int8": "model.int8.onnx", "ort": "model.int8.ort"}
-    assert sidecar["recommended"]["cpu"] in ("int8", "fp32") and sidecar["recommended"]["cuda"] == "fp32"
+    assert sidecar["recommended"]["cpu"]["variant"] in ("int8", "fp32") and sidecar["recommended"]["cuda"]["variant"] == "fp32"
+    assert all(e["runtime"] in runtime.RUNTIMES for e in rec.values()), rec   # every entry names its runtime
+    assert rec["cuda"]["runtime"] == rec["edge-cpu"]["runtime"] == rec["android"]["runtime"] == "onnxruntime"
+    assert "export host's CPU" in sidecar["measured_on"] and export._machine()["cpu"] in sidecar["measured_on"]
     checker = sidecar["mobile"]["checker"]["model.android.int8.onnx"]["NNAPI"]
     assert checker["nodes_covered"] == checker["nodes"] and checker["partitions"] == 1  # fixed shapes: all on NNAPI
     assert sidecar["accuracy"]["onnx_int8"] is not None and sidecar["opset"] >= 17
@@ -209,7 +218,7 @@ def test_int8_fallbacks_are_tried_and_fp32_shipped_when_none_fits(exported, tmp_
                       "run.max_accuracy_drop=1.0", "export.exporter=legacy", "export.opset=17")
     copy_upstream(cfg0, cfg)
     result = export.run(cfg)
-    assert result["int8"] is None and result["recommended"]["cpu"] == "fp32"
+    assert result["int8"] is None and result["recommended"]["cpu"]["variant"] == "fp32"
     report = json.loads((cfg.run_dir / "report.json").read_text())
     names = [a["name"] for a in report["int8"]["attempts"]]
     assert names == ["static per-channel minmax", "static per-tensor minmax", "static per-channel percentile",
@@ -229,7 +238,7 @@ def test_int8_fallbacks_are_tried_and_fp32_shipped_when_none_fits(exported, tmp_
     assert report["models"]["onnx_int8"]["accuracy"] is None and report["models"]["onnx_fp32"]["accuracy"] is not None
     card = json.loads((stage / "model.json").read_text())
     assert card["files"]["int8"] is None and card["files"]["ort"] == "model.fp32.ort"
-    assert (card["recommended"]["cpu"], card["recommended"]["cuda"]) == ("fp32", "fp32")
+    assert (card["recommended"]["cpu"]["file"], card["recommended"]["cuda"]["file"]) == ("model.fp32.onnx",) * 2
     assert read_card_from_session(runtime.make_session(stage / "model.fp32.ort", "cpu"))["labels"] == card["labels"]
 
 

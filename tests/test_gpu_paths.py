@@ -6,6 +6,7 @@ Every test is CPU-only and deterministic; the whole file runs in well under a mi
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import socket
@@ -273,9 +274,10 @@ def _make_n(*args, venv) -> str:
 
 def test_makefile_installs_one_build_and_switches_cleanly(tmp_path):
     cpu = _make_n("install", venv=tmp_path / "venv")
-    assert '".[cpu,dev]"' in cpu and '".[gpu' not in cpu
+    assert '".[cpu,dev,openvino]"' in cpu and '".[gpu' not in cpu   # OpenVINO by default (docs/speed.md)
+    assert '".[cpu,dev]"' in _make_n("install", "OPENVINO=0", venv=tmp_path / "venv")
     gpu = _make_n("install", "GPU=1", venv=tmp_path / "venv")
-    assert '".[gpu,dev]"' in gpu
+    assert '".[gpu,dev,openvino]"' in gpu
     assert "pip show -q onnxruntime " in gpu and "uninstall -y -q onnxruntime onnxruntime-gpu" in gpu
     # sticky: a venv installed with GPU=1 keeps the GPU build on a plain `make`
     (tmp_path / "venv").mkdir()
@@ -676,3 +678,226 @@ def test_slow_rank0_hits_the_timeout_sharded_work_does_not(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"slow-{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["sharded"] and r1["sharded"]  # 2 s of work per rank, nobody waits long
     assert "Timed out" in r1["rank0_alone"], r1["rank0_alone"]  # rank 1 gave up waiting for rank 0 after 2 s
+
+
+# ----------------------------------------------------------------------------- #3 wired in: probe, teacher logits
+
+def _tensor_loader(x, y, bs=4):
+    """make_loader(subset of indices) over in-memory tensors (the stages pass data.eval_loaders)."""
+    def make(subset):
+        idx = torch.tensor([int(i) for i in subset], dtype=torch.long)
+        return [(x[idx[i:i + bs]], y[idx[i:i + bs]]) for i in range(0, len(idx), bs)]
+    return make
+
+
+def test_sharded_probe_in_one_process_is_the_old_probe_bit_for_bit():
+    from pipeline import probe
+
+    model, (x, y) = _model().eval(), _data(23, seed=5)
+    make = _tensor_loader(x, y)
+    samples = list(range(23))
+    f_old, l_old = probe.pooled_features(model, make(samples), torch.device("cpu"))
+    f_new, l_new = probe.pooled_features_sharded(model, samples, make, torch.device("cpu"))
+    assert np.array_equal(f_old, f_new) and np.array_equal(l_old, l_new) and f_new.dtype == np.float32
+    splits = {"train": samples[:13], "val": samples[13:19], "test": samples[19:]}
+    fitted = probe.fit_sharded(model, splits, make, torch.device("cpu"), 3, seed=0)
+    loaders = {s: make(v) for s, v in splits.items()}
+    old, feats = probe.probe_model(copy.deepcopy(model), loaders, torch.device("cpu"), 3)
+    assert np.array_equal(fitted["weight"], old["weight"]) and np.array_equal(fitted["bias"], old["bias"])
+    assert (fitted["C"], fitted["selection_accuracy"]) == (old["C"], old["selection_accuracy"])
+    test_logits = probe.probe_logits(old, feats["test"][0])
+    assert fitted["test_accuracy"] == float((test_logits.argmax(1) == feats["test"][1]).mean())
+    assert torch.equal(model[-1].weight, _model()[-1].weight)  # fit_sharded leaves the head to set_head
+
+
+def _fake_compression(model, out_dir, rank, x, y, device):
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(train=[(f"img{i}", int(y[i])) for i in range(len(y))], fingerprint="fp")
+    stage = SimpleNamespace(dir=Path(out_dir), is_main=rank == 0, log=lambda message: None)
+    return SimpleNamespace(data=data, stage=stage, teacher_sha="sha", teacher_pre={"size": 1}, teacher=model,
+                           cfg=None, device=device, num_classes=3, amp=None)
+
+
+def _sharded_stage_worker(rank: int, port: int, out_dir: str):
+    import torch.distributed as dist
+
+    from pipeline import compress, probe
+
+    info, device = _init_rank(rank, port, 60, out_dir)
+    model, (x, y) = _model().eval(), _data(23, seed=5)
+    make = _tensor_loader(x, y)
+    samples = list(range(23))
+    results = {"features": probe.pooled_features_sharded(model, samples, make, device)}
+    splits = {"train": samples[:13], "val": samples[13:19], "test": samples[19:]}
+    fitted = probe.fit_sharded(model, splits, make, device, 3, seed=0)
+    results["probe"] = {k: fitted[k] for k in ("weight", "bias", "C", "selection_accuracy", "test_accuracy")}
+    # the teacher-logit cache: computed sharded (rank 0 saves), then read back by rank 0 and sent to rank 1
+    by_path = _tensor_loader(x, y)
+    compress.eval_loaders = lambda pre, cfg, device: (lambda subset: by_path([p[3:] for p, _ in subset]))
+    job = _fake_compression(model, out_dir, rank, x, y, device)
+    results["cache_computed"] = compress.Compression.teacher_logit_cache(job)
+    dist.barrier()
+    if rank == 1:  # rank 1 must not need the file: it gets rank 0's copy
+        compress.artifacts.torch_load = None
+    results["cache_read"] = compress.Compression.teacher_logit_cache(job)
+    torch.save(results, Path(out_dir) / f"sharded-{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_two_gloo_ranks_share_the_probe_pass_and_the_teacher_logit_cache(tmp_path):
+    from pipeline import probe
+
+    _spawn(_sharded_stage_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"sharded-{r}.pt", weights_only=False) for r in (0, 1))
+    model, (x, y) = _model().eval(), _data(23, seed=5)
+    feats, labels = probe.pooled_features(model, _tensor_loader(x, y)(range(23)), torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(x)
+    for r in (r0, r1):
+        np.testing.assert_allclose(r["features"][0], feats, rtol=0, atol=1e-6)  # every rank has every image, in order
+        assert np.array_equal(r["features"][1], labels)
+        torch.testing.assert_close(r["cache_computed"], logits, rtol=0, atol=1e-6)
+        assert torch.equal(r["cache_read"], r0["cache_computed"])
+    for k in ("weight", "bias"):  # rank 0 fitted, rank 1 got exactly that
+        assert np.array_equal(r0["probe"][k], r1["probe"][k])
+    assert r0["probe"]["C"] == r1["probe"]["C"] and r0["probe"]["test_accuracy"] == r1["probe"]["test_accuracy"]
+    saved = torch.load(tmp_path / "teacher_logits.pt", weights_only=True)
+    assert torch.equal(saved["logits"], r0["cache_computed"])
+
+
+# ----------------------------------------------------------------------------- #14 wired in: loaders
+
+def test_loaders_pin_and_persist_only_where_it_helps_and_uint8_batches_are_bit_identical(make_config):
+    from torch.utils.data import DataLoader
+
+    from pipeline.data import DeviceBatches, eval_loaders, make_loader, prepare_data
+    from pipeline.preprocess import make_preprocessing
+
+    cfg = make_config()
+    info = prepare_data(cfg)
+    pre = make_preprocessing(32, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], "bilinear", 1.0)
+    pre2 = make_preprocessing(40, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], "bicubic", 0.875)
+    # uint8 through the loader + normalize on the device == ToTensor + Normalize in the workers, bit for bit
+    for kw in ({"train": True, "epoch": 1, "extra_pre": pre2}, {"train": False}):
+        ref = list(make_loader(info.train, pre, cfg, **kw))
+        dev = make_loader(info.train, pre, cfg, uint8=True, **kw)
+        assert isinstance(dev, DeviceBatches) and len(dev) == len(ref)
+        got = list(dev)
+        assert len(got) == len(ref)
+        for a, b in zip(ref, got):
+            assert len(a) == len(b) and all(u.dtype == v.dtype and torch.equal(u, v) for u, v in zip(a, b))
+    # CPU (the default): plain loaders, no pinned memory, data order as before
+    cpu_train = make_loader(info.train, pre, cfg, train=True)
+    assert isinstance(cpu_train, DataLoader) and not cpu_train.pin_memory and not cpu_train.persistent_workers
+    # CUDA: pinned memory, uint8 + DeviceBatches; workers persist for the eval loaders only (built once, reused)
+    cfg.run.workers = 2
+    cuda = torch.device("cuda", 0)
+    train = make_loader(info.train, pre, cfg, train=True, device=cuda)
+    assert isinstance(train, DeviceBatches) and train.loader.pin_memory and not train.loader.persistent_workers
+    assert train.device == cuda
+    make_eval = eval_loaders(pre, cfg, cuda)
+    val = make_eval(info.val)
+    assert val.loader.pin_memory and val.loader.persistent_workers and val.loader.prefetch_factor == 4
+    assert make_eval(list(info.val)) is val and make_eval(info.test) is not val
+    cpu_val = eval_loaders(pre, cfg)(info.val)
+    assert isinstance(cpu_val, DataLoader) and cpu_val.persistent_workers and not cpu_val.pin_memory
+
+
+# ----------------------------------------------------------------------------- export: recommended.cuda
+
+def _cuda_pool(tmp_path, max_int8_drop=1.0):
+    from types import SimpleNamespace
+
+    from serve_utils import SIZE, make_tiny_export
+
+    export_dir = make_tiny_export(tmp_path / "export")
+    x = np.random.default_rng(0).normal(0, 1, (40, 3, SIZE, SIZE)).astype(np.float32)
+    sess = runtime.make_session(export_dir / "model.fp32.onnx", "cpu")
+    y = sess.run(None, {"input": x})[0].argmax(1)
+    ce = SimpleNamespace(latency_runs=2, latency_threads=1, parity_atol=1e-3, min_top1_agreement=0.5,
+                         max_int8_drop=max_int8_drop)
+    pool = SimpleNamespace(x=x, y=y, teacher_correct=np.ones(len(y), dtype=bool), probe_correct=None, ce=ce,
+                           cfg=SimpleNamespace(run=SimpleNamespace(max_accuracy_drop=1.0)))
+    return export_dir, pool
+
+
+@pytest.fixture
+def fake_cuda_ep(monkeypatch):
+    """ONNX Runtime as if its CUDA provider worked: 'cuda' sessions are CPU sessions; latencies scripted."""
+    real = runtime.make_session
+    monkeypatch.setattr(runtime, "cuda_usable", lambda: True)
+    monkeypatch.setattr(runtime, "make_session",
+                        lambda path, device="auto", threads=0, **kw: real(path, "cpu", threads, **kw))
+
+    def script(int8_ms: float, fp32_ms: float, fail: bool = False):
+        def compare(paths, batch, runs=20, threads=0, parity_atol=1e-3, device="cuda"):
+            if fail:
+                raise RuntimeError("CUDA failure: out of memory")
+            row = lambda ms: {"cpu_ms": 9.0, "cuda_ms": ms, "max_abs_diff": 0.0, "top1_agreement": 1.0,  # noqa: E731
+                              "on_cuda": True}
+            return {"variants": {"int8": row(int8_ms), "fp32": row(fp32_ms)}, "recommended": None}
+        monkeypatch.setattr(runtime, "compare_cuda_cpu", compare)
+    return script
+
+
+def test_recommended_cuda_is_fp32_by_rule_without_a_usable_cuda_ep(tmp_path, monkeypatch):
+    from pipeline import export
+
+    export_dir, pool = _cuda_pool(tmp_path)
+    monkeypatch.setattr(runtime, "cuda_usable", lambda: False)
+    files = {"fp32": "model.fp32.onnx", "int8": "model.int8.onnx"}
+    rec = export.recommend_cuda(export_dir, pool, files)
+    assert rec["cuda"] == rec["server-cuda"]
+    assert rec["cuda"]["variant"] == "fp32" and rec["cuda"]["file"] == "model.fp32.onnx"
+    assert "not measured" in rec["cuda"]["why"] and rec["cuda"]["measured"] is None
+    assert rec["cuda"]["execution_provider"] == "CUDA" and rec["cuda"]["runtime"] == runtime.ONNXRUNTIME
+    only_fp32 = export.recommend_cuda(export_dir, pool, {"fp32": "model.fp32.onnx", "int8": None})["cuda"]
+    assert only_fp32["variant"] == "fp32"
+
+
+def test_recommended_cuda_is_the_faster_file_that_passes_the_gates(tmp_path, fake_cuda_ep):
+    from pipeline import export
+
+    export_dir, pool = _cuda_pool(tmp_path)
+    files = {"fp32": "model.fp32.onnx", "int8": "model.int8.onnx"}
+    fake_cuda_ep(int8_ms=1.0, fp32_ms=2.0)
+    rec = export.recommend_cuda(export_dir, pool, files)["server-cuda"]
+    assert rec["variant"] == "int8" and rec["file"] == "model.int8.onnx", rec["why"]
+    assert rec["measured"]["int8"]["ok"] and rec["measured"]["int8"]["cuda_ms_b1"] == 1.0
+    assert "measured on CUDA" in rec["why"] and "passes the accuracy gates" in rec["why"]
+    assert "gates" in json.dumps(rec)  # model.json holds it as is
+    fake_cuda_ep(int8_ms=3.0, fp32_ms=2.0)  # int8 slower on this GPU
+    assert export.recommend_cuda(export_dir, pool, files)["cuda"]["variant"] == "fp32"
+    fake_cuda_ep(int8_ms=1.0, fp32_ms=2.0, fail=True)  # a broken CUDA setup does not fail the export
+    rec = export.recommend_cuda(export_dir, pool, files)["cuda"]
+    assert rec["variant"] == "fp32" and "measurement failed" in rec["why"] and "out of memory" in rec["why"]
+    export_dir2, strict = _cuda_pool(tmp_path / "strict", max_int8_drop=-1.0)  # int8 fails its accuracy gate
+    fake_cuda_ep(int8_ms=1.0, fp32_ms=2.0)
+    rec = export.recommend_cuda(export_dir2, strict, files)["cuda"]
+    assert rec["variant"] == "fp32" and "fails export.max_int8_drop vs fp32" in rec["why"]
+
+
+# ----------------------------------------------------------------------------- serving: BentoML resources
+
+def test_service_requests_a_gpu_only_when_it_serves_on_one(tmp_path):
+    from serving.settings import service_resources
+
+    assert service_resources("cuda") == service_resources("CUDA:0", threads=4) == {"gpu": 1}
+    assert service_resources("cpu") == {} and service_resources("cpu", threads=4) == {"cpu": "4"}
+    assert service_resources("auto", gpu_present=lambda: True) == {"gpu": 1}
+    assert service_resources("auto", 2, gpu_present=lambda: False) == {"cpu": "2"}
+    asked = []
+    assert service_resources("cpu", gpu_present=lambda: asked.append(1) or True) == {} and asked == []
+    assert service_resources("cuda:1") == {}  # BentoML's allocator would renumber the GPUs under cuda:1
+    # the decorator reads it at import (no session is created then), torch-free
+    code = "import json, serving.service as s; print(json.dumps(s.ImageClassifier.config.get('resources')))"
+    for device, expected in (("cuda", {"gpu": 1}), ("auto", {})):  # auto: this machine has no GPU
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGEPIPE_DEVICE": device,
+               "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+        env.pop("EDGEPIPE_THREADS", None)
+        out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=180)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
