@@ -184,12 +184,26 @@ def prune_to_latency(model, current_ms: float, target_ms: float, input_size, cc,
 
 # ----------------------------------------------------------------------------- the compress stage's use of it
 
-def measure_on_rank0(job, model) -> dict:
-    """Rank 0 measures, every DDP rank gets the same numbers (decisions taken on them stay identical)."""
+def measure_on_rank0(job, model) -> dict | None:
+    """Rank 0 measures, every DDP rank gets the same numbers (decisions taken on them stay identical). A failed
+    measurement (an export or quantization error) stops the stage when the target is a latency, else it is a
+    warning and the step has no latency (-> None): the curve is not worth a failed run."""
     from pipeline import engine
 
-    lat = measure_cc(engine.unwrap(model), job.input_size, job.cc) if job.stage.is_main else None
-    return engine.broadcast_object(lat)
+    lat = None
+    if job.stage.is_main:
+        try:
+            lat = measure_cc(engine.unwrap(model), job.input_size, job.cc)
+        except Exception as e:  # noqa: BLE001 - decided below, the same way on every rank
+            lat = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    lat = engine.broadcast_object(lat)
+    if "error" not in lat:
+        return lat
+    message = f"measuring the latency on ONNX Runtime failed: {lat['error']}"
+    if wanted(job.cc):
+        raise RuntimeError(message + " (needed for compress.target_latency_ms / target_latency_ratio)")
+    job.stage.warn(message + "; this step's latency is not recorded (compress.step_latency)")
+    return None
 
 
 def ensure_base(job) -> None:
@@ -203,6 +217,8 @@ def ensure_base(job) -> None:
 
         model = load_model_artifact(job.stage.dir / "student.pt")[0]
     lat = measure_on_rank0(job, model)
+    if lat is None:
+        return
     st["base"]["latency"] = lat[key(cc)]
     st["curve"][0].update(lat)
     job.stage.log(f"student latency ({lat['latency_runtime']}, {cc.latency_precision}, {cc.latency_threads} threads): "

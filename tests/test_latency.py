@@ -84,6 +84,23 @@ def test_an_unreachable_latency_is_reported_not_reached(make_config):
     assert fake_ms(engine.count_macs(pruned, SIZE)) == min(t["ms"] for t in info["trials"])  # the fastest
 
 
+def test_a_failed_measurement_warns_for_the_curve_and_stops_a_latency_target(make_config, monkeypatch):
+    from types import SimpleNamespace
+
+    def broken(model, input_size, cc):
+        raise ValueError("no exporter for this op")
+
+    monkeypatch.setattr(latency, "measure_cc", broken)
+    warnings = []
+    stage = SimpleNamespace(is_main=True, warn=warnings.append)
+    job = SimpleNamespace(stage=stage, input_size=SIZE, cc=make_config("compress.step_latency=true").compress)
+    assert latency.measure_on_rank0(job, nn.Linear(2, 2)) is None
+    assert "no exporter for this op" in warnings[0] and "step_latency" in warnings[0]
+    job.cc = make_config("compress.target_latency_ms=1.0").compress
+    with pytest.raises(RuntimeError, match="target_latency_ms"):
+        latency.measure_on_rank0(job, nn.Linear(2, 2))
+
+
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
 def test_measure_model_latency_exports_quantizes_and_times(precision):
     torch.manual_seed(0)
