@@ -125,8 +125,8 @@ class CompressConfig:
     target_macs_ratio: float = 0.5       # pruned MACs / unpruned MACs
     target_params_ratio: typing.Optional[float] = None  # if set, prune to this params ratio instead
     pruning_steps: int = 3
-    # KD fine-tuning epochs after each pruning step, at most: recovery stops at the first epoch back within
-    # run.max_accuracy_drop of the unpruned student (selection split)
+    # KD fine-tuning epochs after each pruning step, at most: recovery stops at the first epoch back at the
+    # unpruned student's selection accuracy
     recovery_epochs: int = 6
     # magnitude | taylor | bn_scale. flowers 224 px, one step to 0.78 MACs, selection accuracy after BN
     # recalibration: taylor 0.689, magnitude 0.578 (0.878 vs 0.861 after 2 recovery epochs); global ranking and

@@ -425,12 +425,12 @@ def test_a_second_run_on_the_same_run_dir_is_refused_and_leftovers_are_cleaned(m
 
 def test_recovery_stops_at_the_first_epoch_back_within_the_end_to_end_budget(make_config, monkeypatch):
     """Recovery runs up to compress.recovery_epochs, and stops after the first epoch whose selection accuracy is
-    within run.max_accuracy_drop of the unpruned student. Accuracies are scripted per call on the pruned model."""
+    back at the unpruned student's. Accuracies are scripted per call on the pruned model."""
     cfg = make_config(*QUICK, "compress.pruning_steps=1", "compress.recovery_epochs=4",
                       "run.max_accuracy_drop=0.01", "compress.max_accuracy_drop=0.05")
     make_teacher(cfg)
     sizes: list[int] = []
-    pruned_calls = iter([0.50, 0.85, 0.895, 0.99, 0.99])  # before recovery, epoch 1, epoch 2 (back), ...
+    pruned_calls = iter([0.50, 0.85, 0.90, 0.99, 0.99])  # before recovery, epoch 1, epoch 2 (back at 0.90), ...
 
     def scripted(model, *args, **kw):
         n = engine.count_params(model)
@@ -442,7 +442,7 @@ def test_recovery_stops_at_the_first_epoch_back_within_the_end_to_end_budget(mak
     compress.run(cfg)
     m = json.loads((cfg.run_dir / "compress" / "metrics.json").read_text())
     step = m["pruning_curve"][1]
-    assert [r["val_accuracy"] for r in step["recovery"]] == [0.85, 0.895]  # epochs 3 and 4 never ran
+    assert [r["val_accuracy"] for r in step["recovery"]] == [0.85, 0.90]  # epochs 3 and 4 never ran
     assert step["val_accuracy_before_recovery"] == 0.50
     assert step["val_accuracy_after_recovery"] == 0.99  # judged by a fresh measurement after recovery
 
