@@ -404,11 +404,17 @@ class Candidates:
                                    "meta": meta}
         return self.fp32[cand["file"]]
 
-    def judge(self, cand: dict, precision: str, logits: np.ndarray, extra: dict) -> dict:
-        correct = logits.argmax(1) == self.y
+    def end_to_end(self, correct: np.ndarray) -> tuple[dict, dict]:
+        """The two paired selection-split gates every shipped file passes: within run.max_accuracy_drop of the
+        teacher, and not below the student's probe (pipeline.budget)."""
         vs_teacher = budget.paired_drop(self.teacher_correct, correct, self.cfg.run.max_accuracy_drop)
         vs_probe = (budget.paired_drop(self.probe_correct, correct, 0.0) if self.probe_correct is not None
                     else {"ok": True, "reason": "no probe"})
+        return vs_teacher, vs_probe
+
+    def judge(self, cand: dict, precision: str, logits: np.ndarray, extra: dict) -> dict:
+        correct = logits.argmax(1) == self.y
+        vs_teacher, vs_probe = self.end_to_end(correct)
         attempt = {"candidate": cand["name"], "file": cand["file"], "precision": precision,
                    "selection_accuracy": float(correct.mean()), "vs_teacher": vs_teacher, "vs_probe": vs_probe,
                    **extra}
@@ -900,7 +906,7 @@ def measure_cuda(export_dir: Path, pool: Candidates) -> dict:
     CUDA, judged like the int8 file was on the CPU: top-1 agreement with its CPU run >= export.min_top1_agreement,
     within export.max_int8_drop of fp32 (here on CUDA), within run.max_accuracy_drop of the teacher and not below
     the student's probe (paired, pipeline.budget)."""
-    ce, cfg = pool.ce, pool.cfg
+    ce = pool.ce
     paths = {"int8": export_dir / "model.int8.onnx", "fp32": export_dir / "model.fp32.onnx"}
     batch = pool.x[:32]
     b32, b1 = (runtime.compare_cuda_cpu(paths, x, runs=ce.latency_runs, threads=ce.latency_threads,
@@ -917,12 +923,10 @@ def measure_cuda(export_dir: Path, pool: Candidates) -> dict:
                   "selection_accuracy": float(correct.mean()), "correct": correct}
     for v in paths:
         r, correct = out[v], out[v].pop("correct")
+        vs_teacher, vs_probe = pool.end_to_end(correct)
         r["gates"] = {"on CUDA": r["on_cuda"], "agreement with its CPU run": r["top1_agreement_vs_cpu"]
                       >= ce.min_top1_agreement,
-                      "run.max_accuracy_drop vs the teacher":
-                          budget.paired_drop(pool.teacher_correct, correct, cfg.run.max_accuracy_drop)["ok"],
-                      "the student's probe": pool.probe_correct is None
-                          or budget.paired_drop(pool.probe_correct, correct, 0.0)["ok"]}
+                      "run.max_accuracy_drop vs the teacher": vs_teacher["ok"], "the student's probe": vs_probe["ok"]}
         if v == "int8":
             r["gates"]["export.max_int8_drop vs fp32"] = (out["fp32"]["selection_accuracy"] - r["selection_accuracy"]
                                                           <= ce.max_int8_drop + 1e-12)

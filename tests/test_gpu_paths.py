@@ -810,6 +810,8 @@ def test_loaders_pin_and_persist_only_where_it_helps_and_uint8_batches_are_bit_i
 def _cuda_pool(tmp_path, max_int8_drop=1.0):
     from types import SimpleNamespace
 
+    from pipeline import export
+
     from serve_utils import SIZE, make_tiny_export
 
     export_dir = make_tiny_export(tmp_path / "export")
@@ -820,6 +822,7 @@ def _cuda_pool(tmp_path, max_int8_drop=1.0):
                          max_int8_drop=max_int8_drop)
     pool = SimpleNamespace(x=x, y=y, teacher_correct=np.ones(len(y), dtype=bool), probe_correct=None, ce=ce,
                            cfg=SimpleNamespace(run=SimpleNamespace(max_accuracy_drop=1.0)))
+    pool.end_to_end = lambda correct: export.Candidates.end_to_end(pool, correct)  # the real gates, on this stand-in
     return export_dir, pool
 
 
