@@ -103,20 +103,14 @@ def measure_model_latency(model, input_size, precision: str = "int8", threads: i
     """
     import onnxruntime as ort
 
-    from pipeline import runtime
+    from pipeline import export
 
     t0 = time.perf_counter()
-    rng = np.random.default_rng(0)
-    batches = {b: rng.standard_normal((b, *input_size)).astype(np.float32) for b in BATCHES}
-    best: dict = {}
     with tempfile.TemporaryDirectory(prefix="edgepipe-latency-") as tmp:
         path, used = _export(model, input_size, Path(tmp), precision, opset, exporter)
-        sess = runtime.make_session(path, "cpu", threads)
-        for _ in range(max(1, rounds)):
-            for b, x in batches.items():
-                ms = runtime.measure_latency_ms(sess, x, runs if b == 1 else max(3, runs // 3))
-                best[b] = min(ms, best.get(b, ms))
-    return {"latency_ms_b1": round(best[1], 4), "latency_ms_b32": round(best[32], 4), "latency_precision": precision,
+        # export's own protocol (the same inputs, runs and interleaved rounds as the export stage's figures)
+        best = export.compare_latency({"model": path}, input_size, threads, runs, rounds)["model"]
+    return {**best, "latency_precision": precision,
             "latency_runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider ({used} exporter)",
             "latency_threads": threads, "latency_seconds": round(time.perf_counter() - t0, 2)}
 
