@@ -113,36 +113,64 @@ def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
 
 
-def fingerprint_tree(root, cache_file=None) -> str:
-    """Fingerprint of a folder's content: relative path and sha256 of every file under it.
-
-    Content, not mtimes: `cp -p`, `rsync -t` or `tar` can change a file and keep its size and mtime. Each file
-    is hashed once; with `cache_file` the hashes are reused while path, size, mtime, inode and ctime all stay the
-    same (a rewrite in place changes the ctime), so reruns stay fast.
-    """
+def tree_stamps(root) -> dict[str, list]:
+    """{relative path: [size, mtime_ns, inode, ctime_ns]} of every file under root (dot files left out), in a
+    fixed walk order: what decides whether a cached hash still holds. Only stat calls: cheap next to hashing."""
     root = Path(root)
-    cache = {}
-    if cache_file is not None and Path(cache_file).exists():
-        try:
-            cache = read_json(cache_file)
-        except (OSError, ValueError):
-            cache = {}
-    fresh, h = {}, hashlib.sha256()
+    stamps = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             p = Path(dirpath) / name
-            rel, st = p.relative_to(root).as_posix(), p.stat()
-            stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
-            known = cache.get(rel)
-            digest = known[1] if known and known[0] == stamp else sha256_file(p)
-            fresh[rel] = [stamp, digest]
-            h.update(f"{rel}\0{digest}\n".encode())
+            st = p.stat()
+            stamps[p.relative_to(root).as_posix()] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+    return stamps
+
+
+def read_hash_cache(cache_file) -> dict:
+    """fingerprint_tree's cache ({relative path: [stamp, sha256]}); {} when absent or unreadable."""
+    if cache_file is None or not Path(cache_file).exists():
+        return {}
+    try:
+        return read_json(cache_file)
+    except (OSError, ValueError):
+        return {}
+
+
+def stale_files(stamps: dict, cache: dict) -> list[str]:
+    """The files (relative paths, walk order) whose hash the cache does not hold for their current stamp."""
+    return [rel for rel, stamp in stamps.items() if not (cache.get(rel) and cache[rel][0] == stamp)]
+
+
+def fingerprint_from(stamps: dict, cache: dict, digests: dict, cache_file=None) -> str:
+    """The fingerprint from the cached hashes plus the new `digests` of the stale files; with cache_file, the
+    hashes are saved there when they changed."""
+    fresh, h = {}, hashlib.sha256()
+    for rel, stamp in stamps.items():
+        digest = digests[rel] if rel in digests else cache[rel][1]
+        fresh[rel] = [stamp, digest]
+        h.update(f"{rel}\0{digest}\n".encode())
     if cache_file is not None and fresh != cache:
         write_json(cache_file, fresh)
     return h.hexdigest()
+
+
+def fingerprint_tree(root, cache_file=None, write_cache: bool = True) -> str:
+    """Fingerprint of a folder's content: relative path and sha256 of every file under it.
+
+    Content, not mtimes: `cp -p`, `rsync -t` or `tar` can change a file and keep its size and mtime. Each file
+    is hashed once; with `cache_file` the hashes are reused while path, size, mtime, inode and ctime all stay the
+    same (a rewrite in place changes the ctime), so reruns stay fast. write_cache=False reads the cache but
+    never writes it. Under DDP, data.py splits the hashing of the stale files over the ranks with the same
+    three steps (tree_stamps, stale_files, fingerprint_from).
+    """
+    root = Path(root)
+    stamps = tree_stamps(root)
+    cache = read_hash_cache(cache_file)
+    digests = {rel: sha256_file(root / rel) for rel in stale_files(stamps, cache)}
+    return fingerprint_from(stamps, cache, digests, cache_file if write_cache else None)
 
 
 def package_versions(names=("torch", "torchvision", "timm", "torch-pruning", "onnx", "onnxruntime",

@@ -744,13 +744,13 @@ class Compression:
                       f"{cc.max_accuracy_drop:g})")
             self.stop_if_out_of_reach(k, after)
             return
-        by = self.target()[0]
+        by, ratio, _ = self.target()
         good = st["curve"][st["good"]["step"]]
         st["stopped"] = (f"pruning step {k} broke the accuracy budget: selection accuracy {after:.4f} after recovery "
                          f"is {drop:.4f} below the student's {st['student_val']:.4f} (max_accuracy_drop "
                          f"{cc.max_accuracy_drop:g}). Pruning stopped; keeping the model of step {good['step']} "
-                         f"({good['macs_ratio']:.3f} of the student's MACs, target {cc.target_macs_ratio:g}"
-                         + (f" of params {cc.target_params_ratio:g}" if by == "params" else "") + ")")
+                         f"({good['macs_ratio']:.3f} of the student's MACs, {good['params_ratio']:.3f} of its params; "
+                         f"target {by} ratio {ratio:g})")
         stage.warn(f"BUDGET: {st['stopped']}")
 
     def stop_if_out_of_reach(self, k: int, after: float) -> None:

@@ -63,7 +63,10 @@ class DataConfig:
     hflip: bool = True
     color_jitter: float = 0.0            # brightness/contrast/saturation strength, 0 = off
     rotation: float = 0.0                # max degrees of random rotation, 0 = off
-    auto_augment: str = "none"           # none | trivial | randaugment
+    # none | trivial | randaugment. TrivialAugment (torchvision's reference recipe) for photos: the teacher
+    # memorised flowers' train split (train acc 0.998, 6 epochs) without it; with it, report accuracy 0.890 vs 0.880
+    # (flowers, 400 images) and 0.992 vs 0.990 (cats, 500), both within noise, both the same way (docs/accuracy.md)
+    auto_augment: str = "trivial"
 
 
 @dataclass
@@ -220,7 +223,8 @@ class Config:
 # their own: 64 px, no flips (a mirrored 2 is not a 2), the whole frame, small rotations.
 DATASET_PRESETS = {
     "builtin:digits": {
-        "data": {"image_size": 64, "crop_pct": 1.0, "hflip": False, "scale_min": 0.7, "rotation": 10.0},
+        "data": {"image_size": 64, "crop_pct": 1.0, "hflip": False, "scale_min": 0.7, "rotation": 10.0,
+                 "auto_augment": "none"},
         "finetune": {"strategy": "two_phase", "epochs": 5, "head_epochs": 1, "lr": 0.003, "backbone_lr_mult": 0.1},
         "compress": {"epochs": 3, "pruning_steps": 3, "recovery_epochs": 2, "importance": "magnitude",
                      "backbone_lr_mult": 1.0,

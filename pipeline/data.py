@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline import artifacts
+from pipeline import artifacts, engine
 from pipeline.preprocess import DECODER_VERSION, BadImageError, make_preprocessing, open_image
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -121,8 +121,17 @@ def _check_classes(where: Path, classes: list[str], files: dict[str, list[str]])
                         f"({', '.join(IMG_EXTENSIONS)}). Fix: add images or remove the folder(s)")
 
 
-def check_images(paths: list[str], policy: str, cache_file: Path | None, fingerprint: str) -> list[str]:
-    """Decode every image once (cached by dataset fingerprint); return the bad ones or raise."""
+def _decode_error(path: str) -> str | None:
+    """None when the image decodes, else why not: small, because under DDP it travels between ranks."""
+    try:
+        open_image(path)
+    except BadImageError as e:
+        return str(e)
+    return None
+
+
+def _cached_bad_images(cache_file: Path | None, fingerprint: str) -> list[str] | None:
+    """data_check.json's list of bad images when it was made for this dataset and decoder, else None."""
     cached = None
     if cache_file is not None and cache_file.exists():
         try:
@@ -130,21 +139,55 @@ def check_images(paths: list[str], policy: str, cache_file: Path | None, fingerp
         except (OSError, ValueError):
             cached = None
     if cached and cached.get("fingerprint") == fingerprint and cached.get("decoder") == DECODER_VERSION:
-        bad = cached["bad"]
+        return cached["bad"]
+    return None
+
+
+def check_images(paths: list[str], policy: str, cache_file: Path | None, fingerprint: str,
+                 write: bool = True, sharded: bool = False) -> list[str]:
+    """Decode every image once (cached by dataset fingerprint); return the bad ones or raise.
+
+    write=False reads the cache but never writes it. sharded (DDP, every rank calls this with the same paths):
+    rank 0 alone reads the cache and sends what it found, so all ranks take the same branch (ranks that disagree
+    on running a collective hang); on a miss every rank decodes its share (engine.shard_map), so no rank waits
+    for the whole dataset and nobody decodes twice.
+    """
+    if sharded:
+        is_lead = engine.dist_info().is_main
+        bad = engine.broadcast_object(_cached_bad_images(cache_file, fingerprint) if is_lead else None)
     else:
-        bad = []
-        for p in paths:
-            try:
-                open_image(p)
-            except BadImageError as e:
-                bad.append(f"{p}: {e}")
-        if cache_file is not None:
+        bad = _cached_bad_images(cache_file, fingerprint)
+    if bad is None:
+        errors = engine.shard_map(_decode_error, paths) if sharded else [_decode_error(p) for p in paths]
+        bad = [f"{p}: {e}" for p, e in zip(paths, errors) if e is not None]
+        if write and cache_file is not None:
             artifacts.write_json(cache_file, {"fingerprint": fingerprint, "decoder": DECODER_VERSION, "bad": bad})
     if bad and policy == "fail":
         listing = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise DataError(f"{len(bad)} unreadable or truncated image(s):\n  {listing}\n"
                         f"Fix: delete or repair them, or set data.bad_images=skip to leave them out")
     return [b.split(": ", 1)[0] for b in bad]
+
+
+def _fingerprint(root: Path, cache_file: Path, write: bool, sharded: bool) -> str:
+    """artifacts.fingerprint_tree; sharded (DDP): rank 0 stats the tree and picks the files its cache does not
+    cover (stat calls only), every rank hashes a share of those, rank 0 combines and sends the result."""
+    if not sharded:
+        return artifacts.fingerprint_tree(root, cache_file, write_cache=write)
+    is_lead = engine.dist_info().is_main
+    stamps = artifacts.tree_stamps(root) if is_lead else None
+    cache = artifacts.read_hash_cache(cache_file) if is_lead else None
+    stale = engine.broadcast_object(artifacts.stale_files(stamps, cache) if is_lead else None)
+    digests = engine.shard_map(lambda rel: artifacts.sha256_file(root / rel), stale) if stale else []
+    fingerprint = artifacts.fingerprint_from(stamps, cache, dict(zip(stale, digests)),
+                                             cache_file if write else None) if is_lead else None
+    return engine.broadcast_object(fingerprint)
+
+
+def _same_on_every_rank(obj) -> bool:
+    """True on every rank when `obj` hashes as on rank 0, False on every rank otherwise (so all raise together)."""
+    mine = artifacts.sha256_json(obj)
+    return engine.agree(engine.broadcast_object(mine) == mine)
 
 
 def _stratified_split(classes, files, cfg_data, seed) -> dict[str, list[tuple[str, int]]]:
@@ -168,11 +211,15 @@ def _stratified_split(classes, files, cfg_data, seed) -> dict[str, list[tuple[st
     return out
 
 
-def prepare_data(cfg, write: bool = True) -> DataInfo:
-    """Resolve data.root, check it, and return the splits (saved to run.dir/splits.json)."""
+def prepare_data(cfg, write: bool = True, sharded: bool = False) -> DataInfo:
+    """Resolve data.root, check it, and return the splits (saved to run.dir/splits.json).
+
+    write=False reads the caches and splits.json but writes nothing. sharded: every DDP rank calls this and the
+    per-file work (hashing, decoding) is split over them; see prepare_data_all_ranks.
+    """
     root = resolve_root(cfg.data.root)
     run_dir = Path(cfg.run.dir)
-    fingerprint = artifacts.fingerprint_tree(root, run_dir / "file_hashes.json" if write else None)
+    fingerprint = _fingerprint(root, run_dir / "file_hashes.json", write, sharded)
     presplit = (root / "train").is_dir() and (root / "val").is_dir()
     if presplit:
         classes, train_files = _list_class_folder(root / "train")
@@ -191,10 +238,14 @@ def prepare_data(cfg, write: bool = True) -> DataInfo:
         classes, files = _list_class_folder(root)
         _check_classes(root, classes, files)
         all_paths = [p for c in classes for p in files[c]]
+    if sharded and not _same_on_every_rank([os.path.relpath(p, root) for p in all_paths]):
+        # shard_map would pair one rank's decode results with another rank's files
+        raise DataError(f"the DDP ranks list different images under {root}. Fix: give every machine the same "
+                        f"data at data.root")
 
-    bad = set(check_images(all_paths, cfg.data.bad_images, run_dir / "data_check.json" if write else None,
-                           fingerprint))
-    if bad:
+    bad = set(check_images(all_paths, cfg.data.bad_images, run_dir / "data_check.json", fingerprint,
+                           write=write, sharded=sharded))
+    if bad and (write or not sharded):
         print(f"[data] skipping {len(bad)} unreadable image(s) (data.bad_images=skip); "
               f"see {run_dir / 'data_check.json'}")
 
@@ -218,27 +269,32 @@ def prepare_data(cfg, write: bool = True) -> DataInfo:
     else:
         kept = {c: [p for p in files[c] if p not in bad] for c in classes}
         _check_classes(root, classes, kept)
-        splits_file = run_dir / "splits.json"
-        key = {"root": str(root.resolve()), "fingerprint": fingerprint, "seed": cfg.data.split_seed,
-               "val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction,
-               "skipped": sorted(bad)}
-        saved = None
-        if splits_file.exists():
-            try:
-                saved = artifacts.read_json(splits_file)
-            except (OSError, ValueError):
-                saved = None
-        if saved and saved.get("key") == key:
-            splits = {s: [(str(root / p), int(i)) for p, i in saved[s]] for s in ("train", "val", "test")}
-        else:
-            splits = _stratified_split(classes, kept, cfg.data, cfg.data.split_seed)
-            if write:
-                rel = {s: [[os.path.relpath(p, root), i] for p, i in v] for s, v in splits.items()}
-                artifacts.write_json(splits_file, {"key": key, "classes": classes, **rel})
+        splits = _saved_split(root, classes, kept, cfg.data, run_dir / "splits.json", fingerprint, bad, write)
         test_is_val = False
         names = {"train": "train", "val": "val (saved split)", "test": "test (saved split)"}
     return DataInfo(root=root, classes=classes, train=splits["train"], val=splits["val"], test=splits["test"],
                     test_is_val=test_is_val, fingerprint=fingerprint, skipped=sorted(bad), split_names=names)
+
+
+def _saved_split(root: Path, classes, kept, cfg_data, splits_file: Path, fingerprint: str, bad, write: bool) -> dict:
+    """The stratified split of a single folder: read from splits.json when made from the same inputs, else made
+    (and, with write, saved) now."""
+    key = {"root": str(root.resolve()), "fingerprint": fingerprint, "seed": cfg_data.split_seed,
+           "val_fraction": cfg_data.val_fraction, "test_fraction": cfg_data.test_fraction,
+           "skipped": sorted(bad)}
+    saved = None
+    if splits_file.exists():
+        try:
+            saved = artifacts.read_json(splits_file)
+        except (OSError, ValueError):
+            saved = None
+    if saved and saved.get("key") == key:
+        return {s: [(str(root / p), int(i)) for p, i in saved[s]] for s in ("train", "val", "test")}
+    splits = _stratified_split(classes, kept, cfg_data, cfg_data.split_seed)
+    if write:
+        rel = {s: [[os.path.relpath(p, root), i] for p, i in v] for s, v in splits.items()}
+        artifacts.write_json(splits_file, {"key": key, "classes": classes, **rel})
+    return splits
 
 
 def _carve_selection(files: dict[str, list[str]], classes, cfg_data, seed) -> tuple[list, list]:
@@ -262,11 +318,22 @@ def _carve_selection(files: dict[str, list[str]], classes, cfg_data, seed) -> tu
 
 
 def prepare_data_all_ranks(cfg, is_main: bool) -> DataInfo:
-    """prepare_data under DDP: rank 0 checks the data and writes splits.json, then the others read the same splits."""
-    from pipeline import engine
+    """prepare_data on every DDP rank (plain prepare_data in one process); only rank 0 (is_main) writes.
 
-    # The other ranks get rank 0's result instead of decoding every image again.
-    return engine.broadcast_object(prepare_data(cfg) if is_main else None)
+    Not rank 0 alone while the others wait in a collective: hashing and decoding a real dataset takes longer than
+    NCCL's 10-minute watchdog. Each rank hashes and decodes a share (caches decided by rank 0, so a cache hit
+    means no rank decodes anything), then makes the splits from the same inputs; a hash check makes sure they
+    are the same on every rank.
+    """
+    if not engine.distributed_active():
+        return prepare_data(cfg)
+    info = prepare_data(cfg, write=is_main, sharded=True)
+    # relative paths: machines may mount the same data at different places
+    rel = {s: [[os.path.relpath(p, info.root), i] for p, i in getattr(info, s)] for s in ("train", "val", "test")}
+    if not _same_on_every_rank([info.classes, rel, info.split_names]):
+        raise DataError(f"the DDP ranks made different splits of {info.root} (a different splits.json in each "
+                        f"run.dir?). Fix: give every rank the same data.root and a shared run.dir")
+    return info
 
 
 # ----------------------------------------------------------------------------- preprocessing + transforms

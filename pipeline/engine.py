@@ -55,6 +55,11 @@ def _pg_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def distributed_active() -> bool:
+    """True inside a process group of several ranks: the collectives here are identities otherwise."""
+    return _pg_active()
+
+
 def _local_gpu_index(local_rank: int, n_gpus: int, local_world_size: int | None = None) -> int:
     """The GPU of this process among the n_gpus it can see.
 

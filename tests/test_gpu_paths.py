@@ -680,6 +680,129 @@ def test_slow_rank0_hits_the_timeout_sharded_work_does_not(tmp_path):
     assert "Timed out" in r1["rank0_alone"], r1["rank0_alone"]  # rank 1 gave up waiting for rank 0 after 2 s
 
 
+# ----------------------------------------------------------------------------- #15 defect 2: data prep on every rank
+
+PREP_TIMEOUT_S, DECODE_S, PREP_IMAGES = 5.0, 0.3, 25  # 3 classes x 8 images + one empty file
+
+
+def _info_dict(info) -> dict:
+    return {"classes": info.classes, "train": info.train, "val": info.val, "test": info.test,
+            "skipped": info.skipped, "fingerprint": info.fingerprint, "split_names": info.split_names}
+
+
+def _prepare_data_worker(rank: int, port: int, out_dir: str, data_root: str, run_dir: str):
+    import torch.distributed as dist
+    from conftest import tiny_config
+
+    from pipeline import artifacts, data
+
+    cfg = tiny_config(run_dir, data_root, "data.bad_images=skip")
+    decoded, hashed, written = [], [], []
+    real_open, real_sha, real_write = data.open_image, artifacts.sha256_file, artifacts.write_json
+
+    def slow_open(path):  # "decoding one image" takes DECODE_S: all of them on one rank outlast the timeout
+        decoded.append(path)
+        time.sleep(DECODE_S)
+        return real_open(path)
+
+    def counted_sha(path, *args):
+        hashed.append(str(path))
+        return real_sha(path, *args)
+
+    def counted_write(path, obj):
+        written.append(Path(path).name)
+        real_write(path, obj)
+    data.open_image, artifacts.sha256_file, artifacts.write_json = slow_open, counted_sha, counted_write
+    _init_rank(rank, port, PREP_TIMEOUT_S, out_dir)  # run.dist_timeout_s=5 stands for NCCL's 10 minutes
+    calls = []
+    for _ in range(2):  # the second call finds the caches rank 0 wrote in the first
+        t = time.perf_counter()
+        info = data.prepare_data_all_ranks(cfg, is_main=rank == 0)
+        calls.append({"info": _info_dict(info), "seconds": time.perf_counter() - t, "decoded": list(decoded),
+                      "hashed": list(hashed), "written": list(written)})
+        for seen in (decoded, hashed, written):
+            seen.clear()
+    listing = data._list_class_folder
+
+    def one_image_less(folder):
+        classes, files = listing(folder)
+        return classes, {**files, classes[0]: files[classes[0]][1:]}
+    if rank == 1:  # this rank lists one image less than rank 0: both must fail, neither may hang
+        data._list_class_folder = one_image_less
+    try:
+        data.prepare_data_all_ranks(cfg, is_main=rank == 0)
+        mismatch = "no error"
+    except data.DataError as e:
+        mismatch = str(e)
+    Path(out_dir, f"prep-{rank}.json").write_text(json.dumps({"calls": calls, "mismatch": mismatch}))
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def prepared_on_two_ranks(tmp_path_factory):
+    """Two gloo ranks run prepare_data_all_ranks twice (then once with listings that differ), shared run.dir."""
+    from conftest import make_imagefolder
+
+    tmp = tmp_path_factory.mktemp("prep_ranks")
+    root = make_imagefolder(tmp / "data", per_class=8, size=16)
+    (root / "circle" / "zz_empty.png").write_bytes(b"")  # a bad image: its verdict must reach both ranks
+    _spawn(_prepare_data_worker, str(tmp), str(root), str(tmp / "run"))
+    return tmp, root, [json.loads((tmp / f"prep-{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_prepare_data_on_two_gloo_ranks_shares_the_decode_within_a_short_timeout(prepared_on_two_ranks):
+    from conftest import tiny_config
+
+    from pipeline.data import prepare_data
+
+    tmp, root, (r0, r1) = prepared_on_two_ranks
+    # the test's own premise: one rank decoding everything would outlast the timeout, half of it would not
+    assert PREP_IMAGES * DECODE_S > PREP_TIMEOUT_S > (PREP_IMAGES + 1) // 2 * DECODE_S
+    first0, first1 = r0["calls"][0], r1["calls"][0]
+    assert len(first0["decoded"]) == 13 and len(first1["decoded"]) == 12  # every rank decoded its half ...
+    assert sorted(first0["decoded"] + first1["decoded"]) == sorted(str(p) for p in root.rglob("*.png"))  # once
+    assert first0["info"] == first1["info"]  # identical splits, fingerprint and skipped list on both ranks
+    single = prepare_data(tiny_config(tmp / "single", root, "data.bad_images=skip"))  # the one-process path
+    assert json.loads(json.dumps(_info_dict(single))) == first0["info"]
+    assert first0["info"]["skipped"] == [str(root / "circle" / "zz_empty.png")]
+
+
+def test_prepare_data_second_call_with_caches_decodes_and_hashes_nothing_on_any_rank(prepared_on_two_ranks):
+    _, _, (r0, r1) = prepared_on_two_ranks
+    assert r0["calls"][0]["hashed"] and r1["calls"][0]["hashed"]  # the first call split the hashing too
+    for r in (r0, r1):
+        second = r["calls"][1]
+        assert second["decoded"] == [] and second["hashed"] == [], second
+        assert second["info"] == r0["calls"][0]["info"]
+
+
+def test_prepare_data_only_rank0_writes_the_caches(prepared_on_two_ranks):
+    tmp, _, (r0, r1) = prepared_on_two_ranks
+    assert sorted(r0["calls"][0]["written"]) == ["data_check.json", "file_hashes.json", "splits.json"]
+    assert r1["calls"][0]["written"] == [] and r1["calls"][1]["written"] == []
+    assert r0["calls"][1]["written"] == []  # up to date: a rerun rewrites nothing
+    assert {p.name for p in (tmp / "run").iterdir()} == {"data_check.json", "file_hashes.json", "splits.json"}
+
+
+def test_prepare_data_ranks_listing_different_images_fail_together(prepared_on_two_ranks):
+    _, _, (r0, r1) = prepared_on_two_ranks
+    for r in (r0, r1):  # an error on every rank instead of mismatched shards or one rank left in a collective
+        assert "list different images" in r["mismatch"], r["mismatch"]
+
+
+def test_prepare_data_write_false_reads_the_caches_and_writes_nothing(make_config, monkeypatch):
+    from pipeline import artifacts, data
+
+    cfg = make_config()
+    before = data.prepare_data(cfg)  # writes file_hashes.json, data_check.json, splits.json
+    monkeypatch.setattr(data, "open_image", lambda path: pytest.fail(f"decoded {path} despite data_check.json"))
+    monkeypatch.setattr(artifacts, "sha256_file", lambda path, *a: pytest.fail(f"hashed {path} despite the cache"))
+    monkeypatch.setattr(artifacts, "write_json", lambda path, obj: pytest.fail(f"wrote {path}"))
+    after = data.prepare_data(cfg, write=False)
+    assert _info_dict(after) == _info_dict(before)
+
+
 # ----------------------------------------------------------------------------- #3 wired in: probe, teacher logits
 
 def _tensor_loader(x, y, bs=4):
