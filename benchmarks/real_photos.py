@@ -51,7 +51,25 @@ def checks(report: dict) -> list[tuple[str, bool, str]]:
            (f"speed-up vs teacher fp32 ORT at batch 1: {report['speedup_vs_teacher_onnx']['b1']:.2f}x >= 3",
             report["speedup_vs_teacher_onnx"]["b1"] >= 3.0, f"batch 32: {report['speedup_vs_teacher_onnx']['b32']:.2f}x"),
            (f"file {report['size_ratio_vs_teacher']:.3f} of the teacher's <= 1/6", report["size_ratio_vs_teacher"] <= 1 / 6, "")]
+    rec = recommended_cpu(report, teacher)
+    if rec is not None:  # the runtime `make serve` uses when it is not ONNX Runtime: its own speed and accuracy
+        out.append(rec)
     return out
+
+
+def recommended_cpu(report: dict, teacher_accuracy: float) -> tuple[str, bool, str] | None:
+    """The same speed and budget checks for export's recommended CPU runtime, when that is not ONNX Runtime."""
+    rec = report.get("recommended", {}).get("cpu", {})
+    runtime, variant = rec.get("runtime"), rec.get("variant")
+    row = report.get("runtimes", {}).get(runtime or "", {}).get(f"onnx_{variant}")
+    if runtime in (None, "onnxruntime") or not row or not report.get("teacher_onnx"):
+        return None
+    speedup = report["teacher_onnx"]["latency_ms_b1"] / row["latency_ms_b1"]
+    drop = teacher_accuracy - row["accuracy"]
+    budget = report["verdict"]["max_accuracy_drop"]
+    return (f"recommended {runtime} {variant}: speed-up vs teacher fp32 ORT at batch 1 {speedup:.2f}x >= 3, "
+            f"accuracy {row['accuracy']:.4f} (drop {drop:+.4f} <= {budget})", speedup >= 3.0 and drop <= budget + 1e-9,
+            f"batch 32: {report['teacher_onnx']['latency_ms_b32'] / row['latency_ms_b32']:.2f}x, same export run")
 
 
 def main() -> int:
