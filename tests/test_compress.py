@@ -319,7 +319,8 @@ def test_budget_stops_pruning_and_keeps_the_last_good_model(make_config, monkeyp
     decision is deterministic. Also runs the teacher-logit cache (allowed here: augmentation off).
     """
     cfg = make_config(*QUICK, "compress.pruning_steps=3", "compress.max_accuracy_drop=0.02",
-                      "compress.cache_teacher_logits=true", "data.scale_min=1.0", "data.hflip=false")
+                      "compress.cache_teacher_logits=true", "data.scale_min=1.0", "data.hflip=false",
+                      "data.auto_augment=none")
     make_teacher(cfg)
     seen: list[int] = []
 
