@@ -140,6 +140,10 @@ def test_recommendations_pick_the_fastest_checked_pair_per_batch():
     assert "Test CPU" in rec["cpu"]["why"] and warnings_ == []
     table["onnxruntime"]["onnx_int8"]["latency_ms_b1"] = 4.0   # a tie: int8, then onnxruntime, wins
     assert export.recommendations(table, files, {"b1": 1.0, "b32": 1.1}, {"cpu": "x"}, [])["cpu"]["variant"] == "int8"
+    for speedup, named in (({"b1": 0.9, "b32": 1.2}, "0.90x at batch 1"), ({"b1": 1.2, "b32": 0.8}, "0.80x at batch 32")):
+        warnings_ = []   # int8 slower than fp32 at either batch is reported, naming the batch
+        export.recommendations(table, files, speedup, {"cpu": "x"}, warnings_)
+        assert len(warnings_) == 1 and "not faster" in warnings_[0] and named in warnings_[0]
     only_fp32 = {"onnxruntime": {"onnx_fp32": {"latency_ms_b1": 4.0, "latency_ms_b32": 90.0, "ok": True}}}
     rec = export.recommendations(only_fp32, {"fp32": "model.fp32.onnx", "int8": None}, None, {"cpu": "x"}, [])
     assert rec["cpu"]["file"] == rec["server-cpu"]["file"] == "model.fp32.onnx"
