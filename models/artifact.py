@@ -93,11 +93,16 @@ def rebuild_pruned(model: torch.nn.Module, history: list, input_size) -> torch.n
 
 def load_model_artifact(path, device="cpu") -> tuple[torch.nn.Module, dict]:
     """-> (model in eval mode on `device`, meta: every field of the file except state_dict)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+    return model_from_artifact(blob, device, source=path)
+
+
+def model_from_artifact(blob, device="cpu", source="this object") -> tuple[torch.nn.Module, dict]:
+    """load_model_artifact of an artifact already read (the dict torch.load gave, e.g. one sent by another process)."""
     from models.build import build_model
 
-    blob = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a model artifact of this pipeline (format {FORMAT})")
+        raise ValueError(f"{source} is not a model artifact of this pipeline (format {FORMAT})")
     model, _ = build_model(blob["name"], blob["num_classes"], weights="none")
     if blob.get("pruning_history"):
         rebuild_pruned(model, blob["pruning_history"], blob["preprocessing"]["input_size"])

@@ -425,8 +425,7 @@ def run(cfg, force: bool = False) -> dict:
     if job.st["phase"] == "distill":
         job.distil()
     job.prune()
-    model, history = job.kept_model()
-    result = job.write_outputs(model, history, inputs) if stage.is_main else {}
+    result = job.finish(inputs)  # every rank: the report rows are evaluated sharded, rank 0 writes
     engine.barrier()
     return {"skipped": False, "stage_dir": str(stage.dir), **result}
 
@@ -779,11 +778,24 @@ class Compression:
             return model, st["good"]["history"]
         return self.model, st["history"]
 
-    # ------------------------------------------------------------------ 3. artifacts (rank 0)
-    def write_outputs(self, model: nn.Module, history: list, inputs: dict) -> dict:
-        cc, st, stage = self.cc, self.st, self.stage
-        good_step = st["good"]["step"] if st["good"] else 0
-        final = st["curve"][good_step]
+    # ------------------------------------------------------------------ 3. report rows (every rank), artifacts (rank 0)
+    def finish(self, inputs: dict) -> dict:
+        """pruned.pt (rank 0), the report rows (every rank evaluates its share: measure_rows), then metrics, plot and
+        manifest (rank 0). Every rank calls it. -> the stage's result on rank 0, {} on the others."""
+        model, history = self.kept_model()
+        if self.stage.is_main:
+            self.save_pruned(model, history)
+        rows, full = self.measure_rows()
+        return self.write_outputs(history, rows, full, inputs) if self.stage.is_main else {}
+
+    def kept_step(self) -> int:
+        """The pruning step of the model that is kept (the last within the budget; 0 = the unpruned student)."""
+        return self.st["good"]["step"] if self.st["good"] else 0
+
+    def save_pruned(self, model: nn.Module, history: list) -> None:
+        """pruned.pt, checked by reloading it (rank 0)."""
+        cc, stage, good_step = self.cc, self.stage, self.kept_step()
+        final = self.st["curve"][good_step]
         save_model_artifact(stage.dir / "pruned.pt", model, name=self.cfg.student.name, classes=self.data.classes,
                             preprocessing=self.pre, pruning_history=history,
                             extra={"distilled_from": self.tmeta["name"], "pruning_step": good_step,
@@ -791,7 +803,10 @@ class Compression:
                                    "importance": cc.importance, "round_to": cc.round_to})
         diff = check_reload(stage.dir / "pruned.pt", model, self.input_size, "pruned.pt")
         stage.log(f"pruned.pt reloads from name + pruning history ({len(history)} entries) with outputs within {diff:.1e}")
-        rows, full = self.measure_rows()
+
+    def write_outputs(self, history: list, rows: dict, full: dict, inputs: dict) -> dict:
+        """metrics.json, pruning_curve.png and the manifest, from the report rows (rank 0)."""
+        cc, st, stage, good_step = self.cc, self.st, self.stage, self.kept_step()
         by, ratio, n_steps = self.target()
         achieved = {"macs_ratio": rows["pruned"]["macs"] / rows["student"]["macs"],
                     "params_ratio": rows["pruned"]["params"] / rows["student"]["params"],
@@ -841,18 +856,19 @@ class Compression:
                 "params_ratio": achieved["params_ratio"], "budget_stopped": st["stopped"] is not None}
 
     def measure_rows(self) -> tuple[dict, dict]:
-        """teacher / student / pruned: accuracy on both splits, params, MACs (latency is measured once, by export)."""
-        rows, full, loaders, cfg, data = {}, {}, {}, self.cfg, self.data
-        for role, source in (("teacher", self.teacher), ("student", self.stage.dir / "student.pt"),
-                             ("pruned", self.stage.dir / "pruned.pt")):
-            m = source if role == "teacher" else load_model_artifact(source, self.device)[0]
+        """teacher / student / pruned: accuracy on both splits, params, MACs (latency is measured once, by export).
+
+        Every rank calls it and gets the same rows: student.pt and pruned.pt come from rank 0 (stage.load_artifact),
+        and each rank evaluates its share of each split (engine.evaluate_sharded). Rank 0 alone made the others wait
+        in a collective through six evaluation passes (issue #15 #3)."""
+        rows, full, cfg, data = {}, {}, self.cfg, self.data
+        makers = {"teacher": eval_loaders(self.teacher_pre, cfg, self.device)}
+        makers["student"] = makers["pruned"] = eval_loaders(self.pre, cfg, self.device)  # same preprocessing
+        for role in ("teacher", "student", "pruned"):
+            m = self.teacher if role == "teacher" else self.stage.load_artifact(f"{role}.pt")[0]
             p = self.teacher_pre if role == "teacher" else self.pre
-            key = "t" if role == "teacher" else "s"
-            if key not in loaders:
-                loaders[key] = tuple(make_loader(split, p, cfg, train=False, device=self.device)
-                                     for split in (data.val, data.test))
-            val = engine.evaluate(m, loaders[key][0], self.device, self.num_classes, data.classes, self.amp)
-            test = engine.evaluate(m, loaders[key][1], self.device, self.num_classes, data.classes, self.amp)
+            val, test = (engine.evaluate_sharded(m, split, makers[role], self.device, self.num_classes, data.classes,
+                                                 self.amp) for split in (data.val, data.test))
             rows[role] = {"name": self.tmeta["name"] if role == "teacher" else cfg.student.name,
                           "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
                           "params": engine.count_params(m), "macs": engine.count_macs(m, p["input_size"]),

@@ -80,7 +80,9 @@ class ModelConfig:
 @dataclass
 class FinetuneConfig:
     strategy: str = "auto"               # auto | two_phase | linear_probe | partial | full
-    epochs: int = 6                      # total epochs, head phase included
+    # total epochs, head phase included. flowers 224 px (report split, 400 images): 6 epochs 0.890, 12 epochs 0.900
+    # (selection loss still falling at 12), 12 with MixUp/CutMix 0.910 (docs/accuracy.md)
+    epochs: int = 12
     head_epochs: int = 2                 # two_phase: epochs with the backbone frozen
     freeze_blocks: int = 2               # partial: how many leading blocks stay frozen
     # Start the new head from the closed-form probe (logistic regression on the frozen pretrained
@@ -98,6 +100,11 @@ class FinetuneConfig:
     step_size: int = 3                   # step scheduler: epochs between decays
     gamma: float = 0.1
     label_smoothing: float = 0.1
+    # MixUp / CutMix (torchvision.transforms.v2, with torchvision's reference recipe's alphas): each training batch
+    # is mixed with one of them, picked at random, and trained on the soft labels. 0 = off; both 0 = no mixing.
+    # They regularise a teacher that otherwise memorises a small train split (train accuracy 0.99 on flowers).
+    mixup_alpha: float = 0.2
+    cutmix_alpha: float = 1.0
     # Keep every BatchNorm layer's running statistics frozen (eval mode) even in unfrozen phases.
     # Small or low-resolution datasets give noisy batch statistics; switching BN to batch statistics
     # at the unfreeze then throws the features off the trained head.
@@ -225,7 +232,8 @@ DATASET_PRESETS = {
     "builtin:digits": {
         "data": {"image_size": 64, "crop_pct": 1.0, "hflip": False, "scale_min": 0.7, "rotation": 10.0,
                  "auto_augment": "none"},
-        "finetune": {"strategy": "two_phase", "epochs": 5, "head_epochs": 1, "lr": 0.003, "backbone_lr_mult": 0.1},
+        "finetune": {"strategy": "two_phase", "epochs": 5, "head_epochs": 1, "lr": 0.003, "backbone_lr_mult": 0.1,
+                     "mixup_alpha": 0.0, "cutmix_alpha": 0.0},
         "compress": {"epochs": 3, "pruning_steps": 3, "recovery_epochs": 2, "importance": "magnitude",
                      "backbone_lr_mult": 1.0,
                      "recovery_lr": 0.0005, "probe_init": False, "freeze_bn_stats": False},
@@ -357,6 +365,8 @@ def _validate(cfg: Config) -> None:
     positive("finetune.epochs", cfg.finetune.epochs)
     positive("finetune.head_epochs", cfg.finetune.head_epochs, allow_zero=True)
     positive("finetune.lr", cfg.finetune.lr)
+    positive("finetune.mixup_alpha", cfg.finetune.mixup_alpha, allow_zero=True)
+    positive("finetune.cutmix_alpha", cfg.finetune.cutmix_alpha, allow_zero=True)
     positive("data.batch_size", cfg.data.batch_size)
     positive("run.workers", cfg.run.workers, allow_zero=True)
     positive("run.grad_accum_steps", cfg.run.grad_accum_steps)

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.transforms import v2
 
-from models import backbone_blocks, build_model, find_head, load_model_artifact, save_model_artifact
+from models import backbone_blocks, build_model, find_head, save_model_artifact
 from pipeline import artifacts, engine, probe
 from pipeline.data import (class_counts, eval_loaders, make_loader, prepare_data_all_ranks, resolve_preprocessing,
                            steps_per_epoch, summary)
@@ -254,7 +255,7 @@ def run(cfg, force: bool = False) -> dict:
     if ckpt is None and state["probe"] and cfg.finetune.probe_init:  # every rank: the evaluation is sharded
         consider_best(stage, model, pre, data, state, epoch=-1, label="probe")
     state = train(stage, model, pre, data, phases, state, ckpt, chash)
-    result = finish(stage, pre, data, strategy, regime, phases, state, chash, inputs) if stage.is_main else {}
+    result = finish(stage, pre, data, strategy, regime, phases, state, chash, inputs)  # every rank: sharded figures
     engine.barrier()
     return {"skipped": False, "stage_dir": str(stage.dir), **result}
 
@@ -311,6 +312,7 @@ def train(stage: Stage, model, pre: dict, data, phases: list[dict], state: dict,
     total = sum(p["epochs"] for p in phases)
     phase_idx, optimizer, scheduler, ddp_model = None, None, None, model
     make_eval = eval_loaders(pre, cfg, device)  # the selection split's loader(s), kept across epochs
+    mixer = batch_mixer(len(data.classes), cfg.finetune.mixup_alpha, cfg.finetune.cutmix_alpha)
 
     def save(epoch: int, step: int) -> None:
         if stage.is_main:
@@ -344,7 +346,7 @@ def train(stage: Stage, model, pre: dict, data, phases: list[dict], state: dict,
         loader = make_loader(data.train, pre, cfg, train=True, epoch=epoch, start_step=state["step"],
                              rank=stage.dist.rank, world_size=stage.dist.world_size, device=device)
         result = engine.train_one_epoch(
-            ddp_model, loader, optimizer, scheduler, lambda m, b: _ce(m, b, cfg.finetune.label_smoothing), device,
+            ddp_model, loader, optimizer, scheduler, lambda m, b: _ce(m, b, cfg.finetune.label_smoothing, mixer), device,
             amp=amp, scaler=scaler, grad_clip=cfg.finetune.grad_clip, channels_last=channels_last,
             start_step=state["step"], max_steps=steps, on_step=on_step, progress=cfg.run.progress and stage.is_main,
             accum_steps=cfg.run.grad_accum_steps,
@@ -361,10 +363,20 @@ def train(stage: Stage, model, pre: dict, data, phases: list[dict], state: dict,
     return state
 
 
-def _ce(model, batch, label_smoothing: float):
+def batch_mixer(num_classes: int, mixup_alpha: float, cutmix_alpha: float):
+    """MixUp or CutMix, one picked per batch (torchvision's reference recipe), or None when both are off."""
+    mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + \
+            ([v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
+    return v2.RandomChoice(mixes) if mixes else None
+
+
+def _ce(model, batch, label_smoothing: float, mixer=None):
+    """-> (loss, logits, labels). With a mixer the loss is on the mixed images' soft labels; the accuracy counted
+    from (logits, labels) is then against each mixed image's first label."""
     x, y = batch
+    x, target = mixer(x, y) if mixer is not None else (x, y)
     logits = model(x)
-    return nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing), logits, y
+    return nn.functional.cross_entropy(logits, target, label_smoothing=label_smoothing), logits, y
 
 
 def record_epoch(stage: Stage, model, pre, data, state, epoch, total, phase_name, optimizer, train_result,
@@ -382,12 +394,25 @@ def record_epoch(stage: Stage, model, pre, data, state, epoch, total, phase_name
               f"{record['images_per_s']:.0f} img/s")
 
 
+def report_figures(stage: Stage, pre: dict, data) -> tuple:
+    """The best checkpoint (best.pt) on the selection and report splits, on every DDP rank: rank 0 reads best.pt, the
+    others get its copy (stage.load_artifact), and each rank evaluates its share (engine.evaluate_sharded). Rank 0
+    alone used to evaluate both splits while the others waited in a collective: on real data, long enough for NCCL's
+    watchdog (issue #15 #3). -> (model, meta, val metrics, test metrics), the same on every rank."""
+    best, meta = stage.load_artifact("best.pt")
+    make_eval = eval_loaders(pre, stage.cfg, stage.device)
+    val, test = (engine.evaluate_sharded(best, split, make_eval, stage.device, len(data.classes), data.classes)
+                 for split in (data.val, data.test))
+    return best, meta, val, test
+
+
 def finish(stage: Stage, pre, data, strategy, regime, phases, state, chash, inputs) -> dict:
-    """The best checkpoint on both splits, the teacher artifact, metrics, plots, manifest (rank 0)."""
+    """The best checkpoint on both splits (every rank evaluates its share: report_figures), then the teacher artifact,
+    metrics, plots and manifest, written by rank 0. -> the stage's result on rank 0, {} on the others."""
     cfg, device, classes = stage.cfg, stage.device, data.classes
-    best, best_meta = load_model_artifact(stage.dir / "best.pt", device)
-    val, test = (engine.evaluate(best, make_loader(split, pre, cfg, train=False, device=device), device, len(classes),
-                                 classes) for split in (data.val, data.test))
+    best, best_meta, val, test = report_figures(stage, pre, data)
+    if not stage.is_main:
+        return {}
     splits = data.describe()
     selected = best_meta["extra"].get("selected", "epoch")
     stage.log(f"best: {selected}" + (f" {state['best_epoch'] + 1}" if state["best_epoch"] >= 0 else "")

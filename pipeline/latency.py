@@ -181,7 +181,9 @@ def prune_to_latency(model, current_ms: float, target_ms: float, input_size, cc,
 def measure_on_rank0(job, model) -> dict | None:
     """Rank 0 measures, every DDP rank gets the same numbers (decisions taken on them stay identical). A failed
     measurement (an export or quantization error) stops the stage when the target is a latency, else it is a
-    warning and the step has no latency (-> None): the curve is not worth a failed run."""
+    warning and the step has no latency (-> None): the curve is not worth a failed run. The other ranks wait in the
+    broadcast meanwhile: one measurement, seconds, far below run.dist_timeout_s (timing on every rank at once would
+    put them on the same cores; docs/gpu.md)."""
     from pipeline import engine
 
     lat = None

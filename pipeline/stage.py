@@ -114,6 +114,17 @@ class Stage:
             self.log("checkpoint is from another config, data, teacher or world size: starting over")
         return ckpt if engine.agree_on_resume(ok) else None
 
+    def load_artifact(self, name: str) -> tuple:
+        """(model on this rank's device, meta) of the model artifact self.dir/name, on every DDP rank: rank 0 reads
+        the file and the others get its copy (engine.broadcast_state_dict). So they need no view of a file rank 0
+        has just replaced (a shared disk may show another node the old one for a while), nor a shared disk."""
+        from models import model_from_artifact
+        from pipeline import engine
+
+        path = self.dir / name
+        blob = engine.broadcast_state_dict(artifacts.torch_load(path) if self.is_main else None)
+        return model_from_artifact(blob, self.device, source=path)
+
     def up_to_date(self, config_hash: str, inputs: dict, force: bool) -> bool:
         current = not force and artifacts.manifest_is_current(self.dir, config_hash, inputs)
         if current:

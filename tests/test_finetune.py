@@ -73,7 +73,8 @@ def test_resume_mid_epoch_gives_the_same_weights(make_config, tmp_path, monkeypa
     EfficientNet has dropout, so this also proves the RNG state is restored.
     """
     common = ("teacher.name=timm:efficientnet_lite0", "teacher.weights=none", "data.batch_size=4",
-              "finetune.checkpoint_every_steps=1", "finetune.epochs=3", "finetune.head_epochs=1")
+              "finetune.checkpoint_every_steps=1", "finetune.epochs=3", "finetune.head_epochs=1",
+              "finetune.mixup_alpha=0.2", "finetune.cutmix_alpha=1.0")   # the mixing draws are resumed too
     ref = make_config(*common, run_dir=tmp_path / "ref")
     finetune.run(ref)
 
@@ -167,8 +168,9 @@ def test_auto_strategy_follows_data_size_and_similarity():
     assert regime["domain"] == "similar" and regime["frozen_fraction"] > regime2["frozen_fraction"]  # earlier layers train
     assert "similar" in regime["why"] and "different" in regime2["why"]
     assert finetune.resolve_strategy("partial", [10])[0] == "partial"
-    phases = finetune.plan_phases("partial", make_cfg_ft(), regime, n_blocks=9)
-    assert phases == [{"name": "partial", "epochs": 6, "frozen_blocks": 6}]
+    cfg_ft = make_cfg_ft()
+    phases = finetune.plan_phases("partial", cfg_ft, regime, n_blocks=9)
+    assert phases == [{"name": "partial", "epochs": cfg_ft.epochs, "frozen_blocks": 6}]
 
 
 def make_cfg_ft():
@@ -186,6 +188,23 @@ def test_auto_finetune_starts_from_the_probe_and_records_the_regime(make_config)
     # the probe is the first candidate: the teacher is at least as good as the probe on the selection split
     assert m["val_accuracy"] >= m["probe"]["selection_accuracy"] - 1e-9
     assert m["split_roles"]["selection"]["images"] == m["splits"]["val"]
+
+
+def test_mixup_cutmix_train_on_soft_labels_and_count_accuracy_against_the_first_label():
+    assert finetune.batch_mixer(3, 0.0, 0.0) is None
+    mixer = finetune.batch_mixer(3, 0.2, 1.0)
+    x, y = torch.rand(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3))
+    torch.manual_seed(1)
+    loss, _, labels = finetune._ce(model, (x, y), 0.0, mixer)
+    torch.manual_seed(1)   # the same draw: the batch the loss was computed on
+    mixed, soft = mixer(x, y)
+    assert torch.equal(labels, y) and not torch.equal(mixed, x)
+    assert soft.shape == (6, 3) and torch.allclose(soft.sum(1), torch.ones(6)) and (soft.max(1).values < 1).all()
+    expected = -(soft * model(mixed).log_softmax(1)).sum(1).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    plain, _, _ = finetune._ce(model, (x, y), 0.0, None)
+    assert plain.item() == pytest.approx(torch.nn.functional.cross_entropy(model(x), y).item(), rel=1e-6)
 
 
 def test_warmup_cosine_schedule_shape():

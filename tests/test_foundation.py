@@ -45,6 +45,7 @@ def test_config_layers_defaults_yaml_and_overrides(tmp_path):
     ("finetune.optimizer=adam", ["finetune.optimizer", "adamw"]),
     ("data.hflip=3", ["data.hflip", "true or false"]),
     ("finetune.epochs=0", ["finetune.epochs"]),
+    ("finetune.cutmix_alpha=-1", ["finetune.cutmix_alpha", ">= 0"]),
     ("epochs=3", ["section.key"]),
 ])
 def test_config_errors_name_the_key(override, words):

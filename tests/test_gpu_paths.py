@@ -890,6 +890,153 @@ def test_two_gloo_ranks_share_the_probe_pass_and_the_teacher_logit_cache(tmp_pat
     assert torch.equal(saved["logits"], r0["cache_computed"])
 
 
+# ----------------------------------------------------------------------------- #15 defect 3: the report rows
+
+REPORT_TIMEOUT_S = 5.0  # run.dist_timeout_s, standing for NCCL's 10 minutes
+REPORT_OVERRIDES = ("data.batch_size=1", "finetune.probe_init=false", "student.weights=none", "compress.epochs=0",
+                    "compress.pruning_steps=0", "compress.probe_init=false")
+
+
+@pytest.fixture(scope="module")
+def report_data(tmp_path_factory):
+    from conftest import make_imagefolder
+
+    return make_imagefolder(tmp_path_factory.mktemp("report_data"), per_class=8, size=16)  # 6 val, 6 test images
+
+
+def _slow_predict(passes: list, batch_s: float) -> None:
+    """engine.predict with every batch `batch_s` slower (a big model on real data); `passes` gets the number of
+    images of each evaluation pass this rank runs."""
+    real = engine.predict
+
+    def slow(model, loader, *args, **kwargs):
+        seen = []
+
+        def batches():
+            for batch in loader:
+                time.sleep(batch_s)
+                seen.append(len(batch[-1]))
+                yield batch
+        out = real(model, batches(), *args, **kwargs)
+        passes.append(sum(seen))
+        return out
+    engine.predict = slow
+
+
+def _trained(stage, model, pre, data, phases, state, ckpt, chash):
+    """finetune.train without the epochs: rank 0 keeps the model as best.pt (as consider_best does), one epoch of
+    history (so the plots are drawn too)."""
+    from models import save_model_artifact
+
+    if stage.is_main:
+        save_model_artifact(stage.dir / "best.pt", model, name=stage.cfg.teacher.name, classes=data.classes,
+                            preprocessing=pre, extra={"epoch": 0, "selected": "epoch", "val_accuracy": 0.5})
+    record = {"epoch": 0, "phase": "full", "lr": 0.01, "train_loss": 1.0, "train_accuracy": 0.5, "val_loss": 1.0,
+              "val_accuracy": 0.5, "images_per_s": 1.0, "resumed_mid_epoch": False}
+    return {**state, "epoch": 1, "best_accuracy": 0.5, "best_epoch": 0, "history": [record]}
+
+
+def _report_rows_worker(rank: int, port: int, out_dir: str, data_root: str, run_dir: str, stage: str, batch_s: float):
+    import matplotlib
+    from conftest import tiny_config
+
+    from pipeline import artifacts, compress, finetune
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401 - imported before the timeout starts: the imports are not what is measured
+    cfg = tiny_config(run_dir, data_root, *REPORT_OVERRIDES)
+    passes, written, real_write = [], [], artifacts.write_json
+    _slow_predict(passes, batch_s)
+    artifacts.write_json = lambda path, obj: (written.append(Path(path).name), real_write(path, obj))[1]
+    finetune.train = _trained
+    _init_rank(rank, port, REPORT_TIMEOUT_S, out_dir)
+    try:
+        (finetune if stage == "finetune" else compress).run(cfg)
+        error = None
+    except Exception as e:  # noqa: BLE001 - the old code: rank 1 timed out waiting for rank 0's evaluation
+        error = f"{type(e).__name__}: {str(e)[:300]}"
+    Path(out_dir, f"{stage}-{rank}.json").write_text(json.dumps({"error": error, "passes": passes, "written": written}))
+    os._exit(0)
+
+
+def _run_report_rows(tmp_path, data_root, stage: str, batch_s: float):
+    """Both ranks run the stage with a slow model; -> (rank 0's and rank 1's record, cfg, data)."""
+    from conftest import tiny_config
+
+    from pipeline.data import prepare_data
+
+    cfg = tiny_config(tmp_path / "run", data_root, *REPORT_OVERRIDES)
+    data = prepare_data(cfg)  # the data caches: the ranks do not decode (tested above)
+    if stage == "compress":  # a finished finetune stage: teacher.pt and its manifest
+        from models import build_model, save_model_artifact
+        from pipeline import artifacts
+        from pipeline.data import resolve_preprocessing
+
+        teacher, pretrained = build_model(cfg.teacher.name, len(data.classes), "none")
+        save_model_artifact(cfg.run_dir / "finetune" / "teacher.pt", teacher, name=cfg.teacher.name,
+                            classes=data.classes, preprocessing=resolve_preprocessing(pretrained, cfg.data))
+        artifacts.write_manifest(cfg.run_dir / "finetune", "finetune", "test", {}, ["teacher.pt"], {})
+    _spawn(_report_rows_worker, str(tmp_path), str(data_root), str(cfg.run_dir), stage, batch_s)
+    r0, r1 = (json.loads((tmp_path / f"{stage}-{r}.json").read_text()) for r in (0, 1))
+    return r0, r1, cfg, data
+
+
+def _one_process_figures(model, pre, cfg, samples, classes) -> dict:
+    """The figures as one process computes them (the old rank-0 code), through JSON like metrics.json."""
+    from pipeline.data import make_loader
+
+    loader = make_loader(samples, pre, cfg, train=False)
+    return json.loads(json.dumps(engine.evaluate(model, loader, torch.device("cpu"), len(classes), classes)))
+
+
+def _assert_same_figures(sharded: dict, single: dict) -> None:
+    assert sharded["loss"] == pytest.approx(single["loss"], abs=1e-6)
+    assert {**sharded, "loss": None} == {**single, "loss": None}  # accuracy, n, confusion matrix, per-class
+
+
+def test_finetune_report_figures_are_shared_by_two_gloo_ranks_within_a_short_timeout(tmp_path, report_data):
+    from models import load_model_artifact
+
+    batch_s = 0.6
+    r0, r1, cfg, data = _run_report_rows(tmp_path, report_data, "finetune", batch_s)
+    n_val, n_test = len(data.val), len(data.test)
+    # the test's premise: the best checkpoint on both splits, evaluated by one rank, outlasts the timeout
+    assert (n_val + n_test) * batch_s > REPORT_TIMEOUT_S
+    assert r0["error"] is None and r1["error"] is None, (r0["error"], r1["error"])
+    assert r0["passes"] == [(n_val + 1) // 2, (n_test + 1) // 2] and r1["passes"] == [n_val // 2, n_test // 2]
+    assert r1["written"] == [] and "metrics.json" in r0["written"]  # rank 0 alone writes
+    metrics = json.loads((cfg.run_dir / "finetune" / "metrics.json").read_text())
+    teacher, meta = load_model_artifact(cfg.run_dir / "finetune" / "teacher.pt")
+    for split, samples in (("val", data.val), ("test", data.test)):
+        _assert_same_figures(metrics[split], _one_process_figures(teacher, meta["preprocessing"], cfg, samples,
+                                                                  data.classes))
+    assert (metrics["val_accuracy"], metrics["test_accuracy"]) == (metrics["val"]["accuracy"],
+                                                                   metrics["test"]["accuracy"])
+
+
+def test_compress_report_rows_are_shared_by_two_gloo_ranks_within_a_short_timeout(tmp_path, report_data):
+    from models import load_model_artifact
+
+    batch_s = 0.2
+    r0, r1, cfg, data = _run_report_rows(tmp_path, report_data, "compress", batch_s)
+    n_val, n_test = len(data.val), len(data.test)
+    # the premise: teacher, student and pruned on both splits, evaluated by one rank, outlast the timeout
+    assert 3 * (n_val + n_test) * batch_s > REPORT_TIMEOUT_S
+    assert r0["error"] is None and r1["error"] is None, (r0["error"], r1["error"])
+    passes = [n_val] + [n_val, n_test] * 3  # the student's selection accuracy after distillation, then the rows
+    assert r0["passes"] == [(n + 1) // 2 for n in passes] and r1["passes"] == [n // 2 for n in passes]
+    assert r1["written"] == [] and "metrics.json" in r0["written"]
+    metrics = json.loads((cfg.run_dir / "compress" / "metrics.json").read_text())
+    for role, path in (("teacher", cfg.run_dir / "finetune" / "teacher.pt"),
+                       ("student", cfg.run_dir / "compress" / "student.pt"),
+                       ("pruned", cfg.run_dir / "compress" / "pruned.pt")):
+        model, meta = load_model_artifact(path)
+        for split, samples in (("val", data.val), ("test", data.test)):
+            _assert_same_figures(metrics["evaluation"][role][split],
+                                 _one_process_figures(model, meta["preprocessing"], cfg, samples, data.classes))
+        assert metrics[role]["test_accuracy"] == metrics["evaluation"][role]["test"]["accuracy"]
+
+
 # ----------------------------------------------------------------------------- #14 wired in: loaders
 
 def test_loaders_pin_and_persist_only_where_it_helps_and_uint8_batches_are_bit_identical(make_config):
