@@ -257,6 +257,15 @@ def prune_to(model: nn.Module, target: float, input_size, cfg_c, by: str = "macs
     return best, best_hist, info
 
 
+def check_same_on_ranks(history: list, what: str) -> None:
+    """Raise on every DDP rank when any rank's pruning history differs from rank 0's. engine.agree makes the ranks
+    decide together: a rank raising alone would leave the others waiting in their next collective until the
+    process-group timeout (NCCL: 10 minutes), with the real error buried in one rank's log."""
+    mine = artifacts.sha256_json(history)
+    if not engine.agree(engine.broadcast_object(mine) == mine):
+        raise RuntimeError(f"{what} differs between DDP ranks (the pruned models are not the same on every rank)")
+
+
 def rebuild(name: str, num_classes: int, history: list, input_size, state_dict=None) -> nn.Module:
     """Fresh unpruned architecture + pruning history replayed (+ weights): how pruned.pt is loaded."""
     model, _ = build_model(name, num_classes, "none")
@@ -370,6 +379,7 @@ def _plot(curve: list[dict], student_val: float, max_drop: float, teacher_val: f
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curve = sorted(curve, key=lambda c: -c["macs"])  # a back-off step is milder than the failed step before it
     measured = any("latency_ms_b1" in c for c in curve)  # + MACs vs measured latency (pipeline/latency.py)
     fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(13, 4.2) if measured else (6.5, 4.2))
     ax = axes[0] if measured else axes
@@ -415,10 +425,9 @@ def run(cfg, force: bool = False) -> dict:
     if stage.up_to_date(chash, inputs, force):
         return stage.skipped()
     stage.log(f"data: {summary(data)}")
-    ckpt = stage.resume_or_restart(
-        engine.load_checkpoint(stage.dir / "checkpoint.pt"),
+    ckpt = stage.resume_checkpoint(
         lambda c: (c.get("config_hash"), c.get("teacher"), c.get("data"), c.get("world_size"))
-        == (chash, teacher_sha, data.fingerprint, stage.dist.world_size))
+        == (chash, teacher_sha, data.fingerprint, stage.dist.world_size), cfg.compress.amp)
     stage.start(resuming=ckpt is not None)
 
     job = Compression(stage, data, ckpt, chash, teacher_sha)
@@ -552,13 +561,12 @@ class Compression:
             self.resume_optimizer = None
 
     def save_ckpt(self) -> None:
-        if self.stage.is_main:
-            engine.save_checkpoint(
-                self.stage.dir / "checkpoint.pt", model=engine.unwrap(self.model).state_dict(), state=self.st,
-                optimizer=self.opt.state_dict() if self.opt is not None else None,
-                scheduler=self.sched.state_dict() if self.sched is not None else None,
-                scaler=self.scaler.state_dict(), config_hash=self.chash, teacher=self.teacher_sha,
-                data=self.data.fingerprint, world_size=self.stage.dist.world_size)
+        self.stage.save_checkpoint(
+            self.amp, model=engine.unwrap(self.model).state_dict(), state=self.st,
+            optimizer=self.opt.state_dict() if self.opt is not None else None,
+            scheduler=self.sched.state_dict() if self.sched is not None else None,
+            scaler=self.scaler.state_dict(), config_hash=self.chash, teacher=self.teacher_sha,
+            data=self.data.fingerprint, world_size=self.stage.dist.world_size)
 
     def wrap(self):
         m = engine.unwrap(self.model)
@@ -641,17 +649,28 @@ class Compression:
             by, ratio = "latency", latency.target_ratio(cc, self.st["base"]["latency"])
         return by, ratio, cc.pruning_steps if ratio < 1 else 0
 
+    def step_ratio(self, k: int) -> float:
+        """Step k's target as a fraction of the student's MACs (params, latency): ratio ** (k / steps) on the
+        schedule, or the back-off step's own ratio. Step 0 is the student (1.0)."""
+        back = self.st.get("backoff")
+        if back is not None and back["step"] == k:
+            return back["ratio"]
+        _, ratio, n_steps = self.target()
+        return ratio ** (k / n_steps) if n_steps else 1.0
+
     def prune(self) -> None:
-        """compress.pruning_steps rounds of prune -> recover -> budget, resuming wherever the checkpoint was."""
+        """compress.pruning_steps rounds of prune -> recover -> budget (+ one back-off step after a failed one),
+        resuming wherever the checkpoint was."""
         st = self.st
         latency.ensure_base(self)  # the student's measured latency (compress.step_latency or a latency target)
         _, _, n_steps = self.target()
-        while st["prune_step"] < n_steps and st["stopped"] is None:
+        while st["stopped"] is None and st["prune_step"] < (st["backoff"]["step"] if st.get("backoff") else n_steps):
             k = st["prune_step"] + 1
             if not st["recovering"]:
                 self.prune_step(k)
             self.recover(k)
             self.judge(k)
+            self.back_off(k)
             st.update(prune_step=k, recovering=False, epoch=0, step=0)
             self.opt = self.sched = None
             self.save_ckpt()
@@ -660,7 +679,12 @@ class Compression:
         """Prune to this step's MACs (or params) target, check the result, recalibrate BatchNorm."""
         cc, st, device, input_size = self.cc, self.st, self.device, self.input_size
         by, ratio, n_steps = self.target()
-        target = st["base"][by] * ratio ** (k / n_steps)
+        back = st.get("backoff")
+        if back is not None and back["step"] == k:  # the milder step starts from the step before the failed one
+            name = "student.pt" if back["from_step"] == 0 else f"pruned_step{back['from_step']}.pt"
+            self.model, meta = self.stage.load_artifact(name)
+            st["history"] = list(meta.get("pruning_history") or [])
+        target = st["base"][by] * self.step_ratio(k)
         grads = taylor_grads(self.model, self.task, self.train_loader, cc, device) if cc.importance == "taylor" else None
         t0 = time.perf_counter()
         pruned, hist, info = latency.prune_step_model(self, k, target, by, grads)  # prune_to, or to a latency
@@ -677,14 +701,13 @@ class Compression:
                           f"pruning step {k}")
         recalibrate_bn(self.model, self.train_loader(0, rank=0, world_size=1, augment=False),
                        cc.bn_recalibration_batches, device)
-        same = engine.broadcast_object(artifacts.sha256_json(st["history"]))
-        if same != artifacts.sha256_json(st["history"]):
-            raise RuntimeError(f"pruning step {k} differs between DDP ranks")
+        check_same_on_ranks(st["history"], f"pruning step {k}")
         macs, params = engine.count_macs(self.model, input_size), engine.count_params(self.model)
         before = self.val_acc(self.model)  # after BN recalibration, before any training
         st["curve"].append({"step": k, "channel_ratio": round(info["ratio"], 5), "macs": macs, "params": params,
                             "macs_ratio": macs / st["base"]["macs"], "params_ratio": params / st["base"]["params"],
-                            "target_ratio": ratio ** (k / n_steps), "target_reached": info["reached"],
+                            "target_ratio": self.step_ratio(k), "backoff": back is not None and back["step"] == k,
+                            "target_reached": info["reached"],
                             "val_accuracy_before_recovery": before, "prune_seconds": time.perf_counter() - t0,
                             **latency.curve_fields(info)})
         self.stage.log(f"pruning step {k}/{n_steps} ({cc.importance}): channel ratio {info['ratio']:.3f} -> "
@@ -751,6 +774,29 @@ class Compression:
                          f"({good['macs_ratio']:.3f} of the student's MACs, {good['params_ratio']:.3f} of its params; "
                          f"target {by} ratio {ratio:g})")
         stage.warn(f"BUDGET: {st['stopped']}")
+
+    def back_off(self, k: int) -> None:
+        """After the first failed step (compress budget broken, or out of reach of the teacher), one milder step:
+        from the step before it, to the geometric mean of the two steps' targets. The schedule is coarse (3 steps to
+        0.5 MACs: 0.79 first): on cats 224 px, step 1 ended 4 images below the teacher on the 150-image selection split,
+        where 2.5 are allowed, so nothing smaller than the student could ship. Export ships the most pruned step of all
+        that meets the end-to-end budget; pruning ends after the back-off step, whatever it gives."""
+        st, cc = self.st, self.cc
+        if not cc.backoff or latency.wanted(cc):
+            return
+        by, back = self.target()[0], st.get("backoff")
+        if back is not None and back["step"] == k:  # pruning ends after the back-off step
+            outcome = f"failed too: {st['stopped']}" if st["stopped"] else "is kept"
+            st["stopped"] = (f"{back['after']}. Then one milder back-off step {k} ({back['ratio']:.3f} of the "
+                             f"student's {by}, from step {back['from_step']}): {outcome}")
+            return
+        if st["stopped"] is None:
+            return
+        ratio = math.sqrt(self.step_ratio(k - 1) * self.step_ratio(k))
+        st["backoff"] = {"step": k + 1, "from_step": k - 1, "ratio": ratio, "after": st["stopped"]}
+        st["stopped"] = None
+        self.stage.log(f"back-off: one milder pruning step {k + 1}, from step {k - 1} to {ratio:.3f} of the student's "
+                       f"{by} (step {k} failed)")
 
     def stop_if_out_of_reach(self, k: int, after: float) -> None:
         """Stop pruning once a step is more than run.max_accuracy_drop plus one image below the teacher on the

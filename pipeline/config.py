@@ -138,6 +138,9 @@ class CompressConfig:
     # KD fine-tuning epochs after each pruning step, at most: recovery stops at the first epoch back at the
     # unpruned student's selection accuracy
     recovery_epochs: int = 6
+    # After the first failed step (compress.max_accuracy_drop broken, or out of reach of the teacher): one milder step
+    # from the step before, at the geometric mean of the two targets. Off for a latency target.
+    backoff: bool = True
     # magnitude | taylor | bn_scale. flowers 224 px, one step to 0.78 MACs, selection accuracy after BN
     # recalibration: taylor 0.689, magnitude 0.578 (0.878 vs 0.861 after 2 recovery epochs); global ranking and
     # sparing the residual trunks were worse (docs/accuracy.md)

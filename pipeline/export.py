@@ -38,7 +38,7 @@ import numpy as np
 from pipeline import __version__, artifacts, budget, mobile, runtime
 from pipeline.modelcard import INPUT_NAME, OUTPUT_NAME, set_onnx_metadata
 from pipeline.preprocess import preprocess
-from pipeline.stage import Stage
+from pipeline.stage import Stage, one_process_only
 
 STAGE = "export"
 COLUMNS = ("accuracy", "params", "macs", "size_bytes", "latency_ms_b1", "latency_ms_b32")
@@ -358,8 +358,10 @@ ROWS = ("teacher", "student", "pruned", "onnx_fp32", "onnx_int8", "probe_teacher
 
 
 def candidate_list(compress_metrics: dict) -> list[dict]:
-    """The students compress kept, smallest first: every pruning step, the unpruned student, its probe."""
-    steps = sorted(compress_metrics.get("steps") or [{"step": 0, "file": "student.pt"}], key=lambda c: -c["step"])
+    """The students compress kept, smallest first: every pruning step, the unpruned student, its probe. By MACs, not
+    by step: a back-off step (compress.backoff) is milder than the failed step before it."""
+    steps = sorted(compress_metrics.get("steps") or [{"step": 0, "file": "student.pt"}],
+                   key=lambda c: (c.get("macs_ratio", 1.0), -c["step"]))
     out = [{"name": "student" if c["step"] == 0 else f"pruning step {c['step']}", "file": c["file"],
             "step": c["step"]} for c in steps]
     if compress_metrics.get("probe") and compress_metrics.get("student_source") != "probe":
@@ -735,6 +737,8 @@ def selection_references(cfg, data, teacher_path: Path, cmetrics: dict, x_sel, y
 def run(cfg, force: bool = False) -> dict:
     from pipeline.data import prepare_data
 
+    if not one_process_only(STAGE):  # under torchrun: rank 0 alone (N exports would race on the same files)
+        return {"skipped": True, "stage_dir": str(cfg.run_dir / STAGE), "reason": "not rank 0"}
     stage = Stage.open(cfg, STAGE, distributed=False)
     ce = cfg.export
     shas, cmetrics = upstream(stage)

@@ -196,10 +196,10 @@ def make_ema(model: nn.Module, decay: float):
 
 
 def load_matching_checkpoint(stage: Stage, chash: str, data) -> dict | None:
-    return stage.resume_or_restart(
-        engine.load_checkpoint(stage.dir / "checkpoint.pt"),
+    return stage.resume_checkpoint(
         lambda c: (c.get("config_hash"), c.get("data"), c.get("world_size")) == (chash, data.fingerprint,
-                                                                                 stage.dist.world_size))
+                                                                                 stage.dist.world_size),
+        stage.cfg.finetune.amp)
 
 
 def fit_teacher_probe(stage: Stage, model: nn.Module, pre: dict, data, num_classes: int, as_head: bool = True):
@@ -315,13 +315,12 @@ def train(stage: Stage, model, pre: dict, data, phases: list[dict], state: dict,
     mixer = batch_mixer(len(data.classes), cfg.finetune.mixup_alpha, cfg.finetune.cutmix_alpha)
 
     def save(epoch: int, step: int) -> None:
-        if stage.is_main:
-            engine.save_checkpoint(stage.dir / "checkpoint.pt", model=engine.unwrap(model).state_dict(),
-                                   ema=ema.state_dict() if ema is not None else None,
-                                   optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                   scaler=scaler.state_dict(), phase=phase_idx, config_hash=chash,
-                                   data=data.fingerprint, world_size=stage.dist.world_size,
-                                   state={**state, "epoch": epoch, "step": step})
+        stage.save_checkpoint(amp, model=engine.unwrap(model).state_dict(),
+                              ema=ema.state_dict() if ema is not None else None,
+                              optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                              scaler=scaler.state_dict(), phase=phase_idx, config_hash=chash,
+                              data=data.fingerprint, world_size=stage.dist.world_size,
+                              state={**state, "epoch": epoch, "step": step})
 
     while state["epoch"] < total:
         epoch = state["epoch"]

@@ -372,16 +372,21 @@ def warm_up_sizes(max_batch_size: int, on_cuda: bool) -> list[int]:
     return sorted({1, min(2, max_batch_size), max_batch_size})
 
 
-def warm_up(session, input_shape, max_batch_size: int = 32, sizes=None, dtype=np.float32) -> dict[int, float]:
+def warm_up(session, input_shape, max_batch_size: int = 32, sizes=None, dtype=np.float32,
+            check=None) -> dict[int, float]:
     """Run the session once per batch size on zeros (input_shape without the batch axis, e.g. (3, 224, 224)).
-    -> {batch size: first-run milliseconds}. For the server to call at start-up, before it reports ready."""
+    -> {batch size: first-run milliseconds}. For the server to call at start-up, before it reports ready.
+    check(n, outputs): called with each run's outputs, so the caller can reject a model that does not match
+    its card (it raises) at no extra inference."""
     name = session.get_inputs()[0].name
     sizes = sizes if sizes is not None else warm_up_sizes(max_batch_size, session_device(session) == "cuda")
     timings = {}
     for n in sizes:
         t = time.perf_counter()
-        session.run(None, {name: np.zeros((int(n), *input_shape), dtype=dtype)})
+        outputs = session.run(None, {name: np.zeros((int(n), *input_shape), dtype=dtype)})
         timings[int(n)] = (time.perf_counter() - t) * 1000.0
+        if check is not None:
+            check(int(n), outputs)
     return timings
 
 

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError
+from pipeline.stage import one_process_only
 from serving import launcher
 from serving.model_files import ModelSpecError, resolve_model
 from serving.settings import SettingsError, from_values, to_environ
@@ -87,6 +88,8 @@ def stage_for_bento(cfg, dest: Path | None = None) -> dict:
 
 def run(cfg, force: bool = False) -> dict:
     """Start `bentoml serve` in the foreground (signals are forwarded) and return when it exits."""
+    if not one_process_only("serve"):  # under torchrun: one server, on rank 0 (N would fight over the port)
+        return {"skipped": True, "reason": "not rank 0"}
     if getattr(cfg.serve, "stage_for_bento", False):
         return stage_for_bento(cfg)
     model_file, info = _resolve_for_cfg(cfg)

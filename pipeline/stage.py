@@ -12,13 +12,31 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import artifacts
 
 _LOCKS: dict[str, int] = {}
+CHECKPOINT = "checkpoint.pt"   # a stage's training state while it runs (finetune, compress)
 COMMANDS = {"finetune": "make finetune", "compress": "make compress", "export": "make export"}
+
+
+def one_process_only(name: str) -> bool:
+    """For export and serve, which run once whatever launched them: under torchrun (WORLD_SIZE > 1) N copies would
+    race on the same files (export) or port (serve), and time latency under each other's load. Rank 0 runs the stage
+    alone, without a process group; every other rank says so and returns at once (exit code 0: torchrun then sees
+    success, not a failure that tears down rank 0). -> whether this process runs it."""
+    world, rank = int(os.environ.get("WORLD_SIZE") or 1), int(os.environ.get("RANK") or 0)
+    if world <= 1:
+        return True
+    if rank != 0:
+        print(f"[{name}] rank {rank} of {world}: {name} runs in one process (rank 0); this rank exits", flush=True)
+        return False
+    print(f"[{name}] launched as {world} processes: {name} runs once, on rank 0, without a process group "
+          f"(`make {name}` starts one process)", flush=True)
+    return True
 
 
 class StageError(RuntimeError):
@@ -104,15 +122,35 @@ class Stage:
             out[name] = digest
         return out
 
-    def resume_or_restart(self, ckpt: dict | None, is_valid) -> dict | None:
-        """The checkpoint if it is this run's (is_valid(ckpt)) on every rank, else None on every rank: ranks that
-        resumed different epochs would wait on each other forever."""
+    def save_checkpoint(self, amp, **state) -> None:
+        """Rank 0 writes checkpoint.pt (engine.save_checkpoint) with the device type and AMP dtype (`amp`, None for
+        fp32) that trained it (engine.checkpoint_meta): a resume on another device or precision can then say so."""
         from pipeline import engine
 
-        ok = ckpt is not None and is_valid(ckpt)
-        if ckpt is not None and not ok:
-            self.log("checkpoint is from another config, data, teacher or world size: starting over")
-        return ckpt if engine.agree_on_resume(ok) else None
+        if self.is_main:
+            engine.save_checkpoint(self.dir / CHECKPOINT, **state, **engine.checkpoint_meta(self.device, amp))
+
+    def resume_checkpoint(self, is_valid, amp_setting) -> dict | None:
+        """checkpoint.pt on every rank if it is this run's (is_valid(ckpt)), else None on every rank. Rank 0 reads and
+        checks it and the others get its copy (engine.resume_checkpoint): ranks that resumed different epochs would
+        wait on each other forever, and other nodes need no shared disk. amp_setting (finetune.amp / compress.amp):
+        a checkpoint from another device type or AMP dtype resumes with a note that the run is not bit-identical."""
+        from pipeline import engine
+
+        def valid(ckpt: dict) -> bool:
+            ok = is_valid(ckpt)
+            if not ok:
+                self.log("checkpoint is from another config, data, teacher or world size: starting over")
+            return ok
+        ckpt = engine.resume_checkpoint(self.dir / CHECKPOINT, valid)
+        if ckpt is not None:
+            with warnings.catch_warnings():  # the stage resolves its AMP dtype again, and warns (bf16 emulated) there
+                warnings.simplefilter("ignore")
+                amp = engine.amp_dtype(amp_setting, self.device)
+            change = engine.resume_change(ckpt, self.device, amp)
+            if change:
+                self.log(change)
+        return ckpt
 
     def load_artifact(self, name: str) -> tuple:
         """(model on this rank's device, meta) of the model artifact self.dir/name, on every DDP rank: rank 0 reads

@@ -277,6 +277,13 @@ class ClassifyOutput(bentoml.IODescriptor):
 
 
 # ------------------------------------------------------------------------------------- the service
+def _sizes_text(sizes: list) -> str:
+    """[1, 2, ..., 32] -> '1..32' (what CUDA warms up), else the list."""
+    if len(sizes) > 3 and sizes == list(range(sizes[0], sizes[-1] + 1)):
+        return f"{sizes[0]}..{sizes[-1]}"
+    return ", ".join(map(str, sizes))
+
+
 def gpu_present() -> bool:
     """For device auto: will onnxruntime find a GPU? The cheap half of runtime.cuda_usable() (this onnxruntime has
     the CUDA provider, the driver sees a device) without creating a CUDA session: this runs at import, in BentoML's
@@ -336,10 +343,17 @@ class ImageClassifier:
             return read_card_file(Path(self.model_info["card"]))
 
     def _warm_up(self) -> None:
-        """One inference through the real code path (batch of 2: checks the dynamic batch axis)."""
-        probs = self._run(np.zeros((2, *self.shape), dtype=np.float32))
-        if probs.shape != (2, len(self.labels)) or not np.isfinite(probs).all():
-            raise RuntimeError(f"warm-up inference gave shape {probs.shape} (expected (2, {len(self.labels)})) "
+        """runtime.warm_up: on CUDA every batch size adaptive batching can form (1..serve.max_batch_size: each new
+        shape costs cuDNN algorithm choice and arena growth the first time, which would otherwise land on a
+        request), on the CPU 1, 2 (the dynamic batch axis) and the largest. Each output is checked against the card."""
+        timings = runtime.warm_up(self.session, self.shape, SERVE.max_batch_size, check=self._check_warm_up)
+        logger.info("edgepipe: warmed up batch sizes %s in %.0f ms", _sizes_text(sorted(timings)),
+                    sum(timings.values()))
+
+    def _check_warm_up(self, n: int, outputs: list) -> None:
+        logits = np.asarray(outputs[0])   # the first output: the one _run serves (self.output_name)
+        if logits.shape != (n, len(self.labels)) or not np.isfinite(logits).all():
+            raise RuntimeError(f"warm-up inference gave shape {logits.shape} (expected ({n}, {len(self.labels)})) "
                                f"or non-finite values; the model does not match its card")
 
     def _run(self, batch: np.ndarray) -> np.ndarray:

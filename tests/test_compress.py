@@ -318,7 +318,7 @@ def test_budget_stops_pruning_and_keeps_the_last_good_model(make_config, monkeyp
     Val accuracy is scripted per model size (unpruned 0.90, after step 1 0.89, after step 2 0.50) so the
     decision is deterministic. Also runs the teacher-logit cache (allowed here: augmentation off).
     """
-    cfg = make_config(*QUICK, "compress.pruning_steps=3", "compress.max_accuracy_drop=0.02",
+    cfg = make_config(*QUICK, "compress.pruning_steps=3", "compress.max_accuracy_drop=0.02", "compress.backoff=false",
                       "compress.cache_teacher_logits=true", "data.scale_min=1.0", "data.hflip=false",
                       "data.auto_augment=none")
     make_teacher(cfg)
@@ -451,7 +451,7 @@ def test_recovery_stops_at_the_first_epoch_back_within_the_end_to_end_budget(mak
 def test_pruning_stops_once_a_step_is_out_of_reach_of_the_end_to_end_budget(make_config, monkeypatch):
     """A step inside compress.max_accuracy_drop but more than run.max_accuracy_drop plus one image below the teacher
     can never ship (export's paired rule), so no further step is tried; that step's model is still saved."""
-    cfg = make_config(*QUICK, "compress.pruning_steps=3", "compress.max_accuracy_drop=1.0")
+    cfg = make_config(*QUICK, "compress.pruning_steps=3", "compress.max_accuracy_drop=1.0", "compress.backoff=false")
     make_teacher(cfg)
     sizes: list[int] = []
 
@@ -468,3 +468,32 @@ def test_pruning_stops_once_a_step_is_out_of_reach_of_the_end_to_end_budget(make
     assert m["budget"]["stopped"] and "export cannot ship it" in m["budget"]["message"]
     assert out["budget_stopped"] is True
     assert (cfg.run_dir / "compress" / "pruned_step1.pt").exists()
+
+
+def test_a_failed_step_is_followed_by_one_milder_back_off_step_that_export_tries_first(make_config, monkeypatch):
+    """Step 1 is out of reach of the teacher: one back-off step (step 2) prunes the student to the geometric mean of
+    1 and step 1's target, then pruning ends. Every step is kept; export orders them by MACs, not by step."""
+    from pipeline.export import candidate_list
+
+    cfg = make_config(*QUICK, "compress.pruning_steps=3", "compress.max_accuracy_drop=1.0")
+    make_teacher(cfg)
+    sizes: list[int] = []
+
+    def scripted(model, *args, **kw):  # the student and the back-off step are good, step 1 is not
+        n = engine.count_params(model)
+        if n not in sizes:
+            sizes.append(n)
+        return [0.95, 0.0, 0.95][sizes.index(n)]
+    monkeypatch.setattr(compress, "_val_accuracy", scripted)
+    monkeypatch.setattr(compress, "_teacher_accuracy", lambda *a, **k: 0.95)
+    out = compress.run(cfg)
+    m = json.loads((cfg.run_dir / "compress" / "metrics.json").read_text())
+    curve = m["pruning_curve"]
+    assert [c["step"] for c in curve] == [0, 1, 2] and [c.get("backoff") for c in curve[1:]] == [False, True]
+    assert curve[2]["target_ratio"] == pytest.approx(math.sqrt(1.0 * 0.5 ** (1 / 3)))
+    assert curve[0]["macs"] > curve[2]["macs"] > curve[1]["macs"]  # milder than step 1, pruned from the student
+    assert out["budget_stopped"] is True and "back-off step 2" in m["budget"]["message"]
+    assert "export cannot ship it" in m["budget"]["message"] and m["budget"]["kept_step"] == 2
+    _assert_same_weights(_state(cfg.run_dir / "compress" / "pruned_step2.pt"),
+                         _state(cfg.run_dir / "compress" / "pruned.pt"))
+    assert [c["file"] for c in candidate_list(m)][:3] == ["pruned_step1.pt", "pruned_step2.pt", "student.pt"]

@@ -680,6 +680,45 @@ def test_slow_rank0_hits_the_timeout_sharded_work_does_not(tmp_path):
     assert "Timed out" in r1["rank0_alone"], r1["rank0_alone"]  # rank 1 gave up waiting for rank 0 after 2 s
 
 
+def _stage_resume_worker(rank: int, port: int, out_dir: str):
+    import torch.distributed as dist
+
+    from pipeline.compress import check_same_on_ranks
+    from pipeline.stage import Stage
+
+    info, device = _init_rank(rank, port, 10, out_dir)
+    results = {}
+    # #11 in the stage: rank 0 alone writes and reads checkpoint.pt; rank 1's folder stays empty (no shared disk)
+    stage = Stage(name="finetune", cfg=None, dir=Path(out_dir, f"stage-rank{rank}"), dist=info, device=device)
+    stage.dir.mkdir()
+    stage.save_checkpoint(None, model=OrderedDict(w=torch.arange(4.)), config_hash="abc", epoch=3)
+    results["files"] = sorted(p.name for p in stage.dir.iterdir())
+    ckpt = stage.resume_checkpoint(lambda c: c["config_hash"] == "abc", "off")
+    results["resumed"] = (ckpt["epoch"], ckpt["model"]["w"].tolist(), ckpt["device_type"], ckpt["amp"])
+    results["rejected"] = stage.resume_checkpoint(lambda c: False, "off")
+    # #12: the pruning check passes together, and fails together (rank 1 pruned other channels)
+    check_same_on_ranks([{"layer": "conv", "idxs": [1, 2]}], "pruning step 1")
+    try:
+        check_same_on_ranks([{"layer": "conv", "idxs": [1, 2 + rank]}], "pruning step 2")
+        results["differs"] = None
+    except RuntimeError as e:
+        results["differs"] = str(e)
+    dist.barrier()  # still in step after the error: no rank was left behind in a collective
+    torch.save(results, Path(out_dir, f"stage-{rank}.pt"))
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_stage_resume_is_rank0s_checkpoint_and_a_pruning_mismatch_fails_every_rank(tmp_path):
+    _spawn(_stage_resume_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"stage-{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["files"] == ["checkpoint.pt"] and r1["files"] == []
+    for r in (r0, r1):
+        assert r["resumed"] == (3, [0., 1., 2., 3.], "cpu", "off")  # rank 1 got rank 0's copy
+        assert r["rejected"] is None
+        assert r["differs"] is not None and "pruning step 2 differs between DDP ranks" in r["differs"]
+
+
 # ----------------------------------------------------------------------------- #15 defect 2: data prep on every rank
 
 PREP_TIMEOUT_S, DECODE_S, PREP_IMAGES = 5.0, 0.3, 25  # 3 classes x 8 images + one empty file
@@ -1174,3 +1213,54 @@ def test_service_requests_a_gpu_only_when_it_serves_on_one(tmp_path):
                              timeout=180)
         assert out.returncode == 0, out.stderr[-2000:]
         assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
+
+
+# ----------------------------------------------------------------------------- #16 checkpoints record their device
+
+def test_checkpoint_records_its_device_and_a_resume_on_another_says_not_bit_identical(make_config, monkeypatch,
+                                                                                       capsys):
+    from pipeline import artifacts, finetune
+
+    cfg = make_config("finetune.max_steps_per_epoch=1")
+
+    def interrupted(*args, **kwargs):  # killed after the last epoch's checkpoint, before the artifacts
+        raise KeyboardInterrupt
+    real_finish = finetune.finish
+    monkeypatch.setattr(finetune, "finish", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg)
+    path = cfg.run_dir / "finetune" / "checkpoint.pt"
+    ckpt = engine.load_checkpoint(path)
+    assert (ckpt["device_type"], ckpt["amp"]) == ("cpu", "off")
+    artifacts.torch_save({**ckpt, "device_type": "cuda", "amp": "bfloat16"}, path)  # as if a GPU had written it
+    monkeypatch.setattr(finetune, "finish", real_finish)
+    capsys.readouterr()
+    assert finetune.run(cfg)["skipped"] is False
+    out = capsys.readouterr().out
+    assert "checkpoint written on cuda (amp bfloat16), resuming on cpu (amp off)" in out
+    assert "not bit-identical to an uninterrupted run" in out and "resuming at epoch" in out
+
+
+# ----------------------------------------------------------------------------- #5 export and serve under torchrun
+
+def test_export_and_serve_run_once_on_rank_0_under_torchrun(make_config, monkeypatch, capsys):
+    import torch.distributed as dist
+
+    from pipeline import export, serve
+    from pipeline.stage import StageError
+
+    cfg = make_config()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert export.run(cfg)["skipped"] is True and serve.run(cfg)["skipped"] is True
+    out = capsys.readouterr().out
+    assert "[export] rank 1 of 2: export runs in one process (rank 0); this rank exits" in out
+    assert "[serve] rank 1 of 2: serve runs in one process (rank 0); this rank exits" in out
+    assert not (cfg.run_dir / "export").exists() and not (cfg.run_dir / ".lock").exists()
+    monkeypatch.setenv("RANK", "0")  # rank 0 runs the stage itself: here it stops at the missing upstream stages
+    with pytest.raises(StageError, match="has not finished"):
+        export.run(cfg)
+    with pytest.raises(FileNotFoundError, match="make export"):
+        serve.run(cfg)
+    assert not dist.is_initialized()
+    assert "export runs once, on rank 0, without a process group" in capsys.readouterr().out

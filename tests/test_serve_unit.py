@@ -114,6 +114,40 @@ def test_service_loads_card_and_is_ready(svc, export):
     assert card["labels"] == LABELS and card["serving"]["num_classes"] == 3
 
 
+class _RecordingSession:
+    """The service's real session, recording each batch size it runs (optionally with a wrong class count)."""
+
+    def __init__(self, real, classes=None):
+        self.real, self.classes, self.sizes = real, classes, []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def run(self, outputs, feeds):
+        batch = next(iter(feeds.values()))
+        self.sizes.append(len(batch))
+        out = self.real.run(outputs, feeds)
+        return out if self.classes is None else [np.zeros((len(batch), self.classes), np.float32)]
+
+
+def test_warm_up_runs_every_batch_size_adaptive_batching_forms_on_cuda(svc, service_module, monkeypatch):
+    """#9: the service warms up through runtime.warm_up: on CUDA 1..serve.max_batch_size (cuDNN picks algorithms
+    per shape), on the CPU 1, 2 and the largest; every output is checked against the card."""
+    from pipeline import runtime
+
+    largest = service_module.SERVE.max_batch_size
+    monkeypatch.setattr(svc, "session", _RecordingSession(svc.session))
+    svc._warm_up()
+    assert svc.session.sizes == [1, 2, largest]  # this machine: the CPU
+    monkeypatch.setattr(runtime, "session_device", lambda session: "cuda")
+    monkeypatch.setattr(svc, "session", _RecordingSession(svc.session.real))
+    svc._warm_up()
+    assert svc.session.sizes == list(range(1, largest + 1))
+    monkeypatch.setattr(svc, "session", _RecordingSession(svc.session.real, classes=len(svc.labels) + 1))
+    with pytest.raises(RuntimeError, match=r"warm-up inference gave shape \(1, 4\) \(expected \(1, 3\)\)"):
+        svc._warm_up()
+
+
 def test_classify_matches_offline_onnx_for_odd_formats(svc, export):
     images = odd_images()
     names = sorted(images)
