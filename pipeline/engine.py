@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
 import pickle
+import socket
 import time
 import warnings
 import zipfile
@@ -125,7 +127,8 @@ def init_distributed(device_spec: str = "auto", timeout_s: float | None = None) 
 
     timeout_s: how long a collective may wait for the slowest rank before the job fails (run.dist_timeout_s;
     torch's default is 10 min for NCCL). NCCL groups are bound to this process's GPU (device_id), so
-    barriers and object collectives use the right device.
+    barriers and object collectives use the right device. On CUDA, two ranks of one host on the same physical
+    GPU are an error on every rank before NCCL starts (_init_nccl).
     """
     info = dist_info()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or None
@@ -135,11 +138,81 @@ def init_distributed(device_spec: str = "auto", timeout_s: float | None = None) 
     if info.world_size > 1 and not dist.is_initialized():
         kwargs = {"timeout": timedelta(seconds=float(timeout_s))} if timeout_s else {}
         if device.type == "cuda":
-            dist.init_process_group(backend="nccl", device_id=device, **kwargs)
+            _init_nccl(device, kwargs.get("timeout"))
         else:
             dist.init_process_group(backend="gloo", **kwargs)
         info = dist_info()
     return info, device
+
+
+def _gpu_identity(index: int) -> str:
+    """GPU `index` of this process under a name that is the same in every process on the host.
+
+    The visible index is not: CUDA_VISIBLE_DEVICES renumbers the GPUs per process, so cuda:0 in two ranks is
+    either two GPUs (one each) or one shared GPU. The UUID (or else the PCI address) tells them apart.
+    """
+    props = torch.cuda.get_device_properties(index)
+    uuid = str(getattr(props, "uuid", "") or "")
+    if uuid.replace("-", "").strip("0"):  # an all-zero UUID (some drivers, emulators) names nothing
+        return f"uuid {uuid}"
+    if getattr(props, "pci_bus_id", None) is not None:
+        return (f"pci {getattr(props, 'pci_domain_id', 0):04x}:{props.pci_bus_id:02x}:"
+                f"{getattr(props, 'pci_device_id', 0):02x}")
+    # last resort: the physical index this visible one maps to (exact unless the list holds UUIDs or MIG names)
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return f"index {visible[index] if index < len(visible) else index}"
+
+
+def shared_gpu_error(gathered) -> str | None:
+    """gathered[r] = (hostname, GPU identity) of rank r -> the error when two ranks on one host share a GPU.
+
+    A pure function of what every rank gathered, so every rank reaches the same verdict and raises together.
+    """
+    owners: dict[tuple[str, str], list[int]] = {}
+    for rank, (host, gpu) in enumerate(gathered):
+        owners.setdefault((host, gpu), []).append(rank)
+    shared = [f"ranks {', '.join(map(str, ranks))} on {host} share one GPU ({gpu})"
+              for (host, gpu), ranks in owners.items() if len(ranks) > 1]
+    if not shared:
+        return None
+    return (f"{'; '.join(shared)}: DDP needs one GPU per process (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')} here). Unset CUDA_VISIBLE_DEVICES (each rank then "
+            f"takes cuda:LOCAL_RANK) or give each rank its own GPU, or start torchrun with "
+            f"--nproc_per_node=<number of GPUs on the node>")
+
+
+def _store_all_gather(store, rank: int, world_size: int, value) -> list:
+    """Every rank's JSON-able `value`, in rank order, through the rendezvous store (no process group needed)."""
+    box = dist.PrefixStore("edgepipe/gpu_identity", store)
+    box.set(str(rank), json.dumps(value))
+    return [json.loads(box.get(str(r))) for r in range(world_size)]
+
+
+def _init_nccl(device: torch.device, timeout: timedelta | None) -> None:
+    """The NCCL process group bound to `device`, once no two ranks on one host share a GPU.
+
+    The check runs over the rendezvous store, before NCCL: with device_id, init_process_group forms the NCCL
+    communicator at once, and NCCL rejects a shared GPU there with an error that suggests allowing it
+    (NCCL_MULTI_RANK_GPU_ENABLE=1, NCCL >= 2.30), with which the ranks would share it silently.
+    """
+    from torch.distributed.constants import default_pg_nccl_timeout
+
+    timeout = timeout or default_pg_nccl_timeout  # what init_process_group uses for NCCL when given none
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))  # as init_process_group does
+    store.set_timeout(timeout)
+    gathered = _store_all_gather(store, rank, world_size, [socket.gethostname(), _gpu_identity(device.index)])
+    error = shared_gpu_error(gathered)
+    if error:
+        # without torchrun's agent store, rank 0 hosts the store: it leaves last, so no rank still reading
+        # loses the connection and reports that instead of this message
+        acks = dist.PrefixStore("edgepipe/gpu_identity_read", store)
+        if rank == 0:
+            acks.wait([str(r) for r in range(1, world_size)])
+        else:
+            acks.set(str(rank), "1")
+        raise RuntimeError(error)
+    dist.init_process_group(backend="nccl", device_id=device, store=dist.PrefixStore("default_pg", store),
+                            rank=rank, world_size=world_size, timeout=timeout)
 
 
 def configure_cuda(device: torch.device, cudnn_benchmark: bool = True, tf32: bool = True) -> dict:

@@ -1264,3 +1264,92 @@ def test_export_and_serve_run_once_on_rank_0_under_torchrun(make_config, monkeyp
         serve.run(cfg)
     assert not dist.is_initialized()
     assert "export runs once, on rank 0, without a process group" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- #15 one physical GPU per rank
+
+def test_shared_gpu_error_names_the_ranks_that_share_and_the_fix():
+    assert engine.shared_gpu_error([("n1", "uuid A"), ("n1", "uuid B")]) is None
+    assert engine.shared_gpu_error([("n1", "uuid A"), ("n2", "uuid A")]) is None  # two machines: two GPUs
+    assert engine.shared_gpu_error([("n1", "uuid A")]) is None
+    # what _store_all_gather returns (JSON: lists); rank 3 on another host with the same name is not sharing
+    msg = engine.shared_gpu_error([["n1", "uuid A"], ["n1", "uuid B"], ["n1", "uuid A"], ["n2", "uuid A"]])
+    assert "ranks 0, 2 on n1 share one GPU (uuid A)" in msg and "n2" not in msg
+    assert "Unset CUDA_VISIBLE_DEVICES" in msg and "its own GPU" in msg and "--nproc_per_node" in msg
+
+
+def test_gpu_identity_is_the_uuid_then_the_pci_address_then_the_physical_index(monkeypatch):
+    from types import SimpleNamespace
+
+    props = {}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+    props[0] = SimpleNamespace(uuid="GPU-8a1f", pci_bus_id=0x3B, pci_domain_id=0, pci_device_id=0)
+    assert engine._gpu_identity(0) == "uuid GPU-8a1f"
+    props[0] = SimpleNamespace(uuid="00000000-0000-0000-0000-000000000000", pci_bus_id=0x3B, pci_domain_id=0,
+                               pci_device_id=0)  # an all-zero UUID names no GPU
+    assert engine._gpu_identity(0) == "pci 0000:3b:00"
+    props[1] = SimpleNamespace(uuid=None)  # neither: the physical index behind visible index 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert engine._gpu_identity(1) == "index 5"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert engine._gpu_identity(1) == "index 1"
+
+
+def _shared_gpu_worker(rank: int, port: int, out_dir: str, port2: int):
+    """One rank of torchrun on a host where each rank sees one GPU as cuda:0 (mocked torch.cuda, no NCCL)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    threading.Timer(60, os._exit, [3]).start()  # a rank left waiting must fail the test, not hang it
+    calls = []
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.set_device = lambda device: None
+    dist.init_process_group = lambda **kw: calls.append(kw)  # stands for NCCL: records what it would get
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", CUDA_VISIBLE_DEVICES="0")
+    results = {}
+    # shared: CUDA_VISIBLE_DEVICES=0 exported to both ranks; own: the launcher gave each rank its own GPU 0
+    for case, p, uuid in (("shared", port, "GPU-same"), ("own", port2, f"GPU-rank{rank}")):
+        torch.cuda.get_device_properties = lambda i, u=uuid: SimpleNamespace(uuid=u)
+        os.environ["MASTER_PORT"] = str(p)
+        calls.clear()
+        try:
+            _, device = engine.init_distributed("auto", timeout_s=20)
+            kw = calls[0]
+            results[case] = ["ok", str(device), kw["backend"], str(kw["device_id"]), kw["rank"], kw["world_size"],
+                             type(kw["store"]).__name__]
+        except RuntimeError as e:
+            results[case] = ["error", str(e), len(calls)]
+        # rank 0 hosts the store: it stays until rank 1 is done with it (the mocked NCCL init does not wait)
+        Path(out_dir, f"{case}-done-{rank}").touch()
+        while rank == 0 and not Path(out_dir, f"{case}-done-1").exists():
+            time.sleep(0.01)
+    Path(out_dir, f"shared-gpu-{rank}.json").write_text(json.dumps(results))
+    os._exit(0)
+
+
+def test_two_ranks_on_one_physical_gpu_both_raise_before_nccl_starts(tmp_path):
+    _spawn(_shared_gpu_worker, str(tmp_path), _free_port())
+    host = socket.gethostname()
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"shared-gpu-{rank}.json").read_text())
+        status, msg, nccl_calls = r["shared"]
+        assert status == "error" and nccl_calls == 0, r["shared"]  # every rank raised, none reached NCCL
+        assert f"ranks 0, 1 on {host} share one GPU (uuid GPU-same)" in msg and "--nproc_per_node" in msg
+        assert r["own"] == ["ok", "cuda:0", "nccl", "cuda:0", rank, 2, "PrefixStore"], r["own"]
+
+
+# ----------------------------------------------------------------------------- #15 make gpu-check without a GPU
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine runs the real check (minutes)")
+def test_gpu_check_on_a_machine_without_a_gpu_says_so_and_exits_0():
+    python = ROOT / ".venv" / "bin" / "python"
+    python = str(python) if python.exists() else sys.executable
+    t = time.perf_counter()
+    # what `make gpu-check` runs; without a GPU the plain command stops after one line (2-3 s), --cpu-smoke not needed
+    out = subprocess.run([python, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "no CUDA GPU is visible" in out.stdout and "nothing to check on this machine" in out.stdout
+    assert time.perf_counter() - t < 60
