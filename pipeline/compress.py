@@ -619,7 +619,7 @@ class Compression:
             log(f"the distilled student ({st['student_val']:.4f} on the selection split) is below its probe "
                 f"({st['probe']['selection_accuracy']:.4f}): the student is the probe (pretrained backbone + "
                 "logistic-regression head)")
-            probe_model, _ = load_model_artifact(self.stage.dir / "probe_student.pt", self.device)
+            probe_model, _ = self.stage.load_artifact("probe_student.pt")  # rank 0 wrote it: no shared disk needed
             self.model.load_state_dict(probe_model.state_dict())
             st["student_val"], st["student_source"] = self.val_acc(self.model), "probe"
         if self.stage.is_main:
@@ -790,9 +790,18 @@ class Compression:
             st["stopped"] = (f"{back['after']}. Then one milder back-off step {k} ({back['ratio']:.3f} of the "
                              f"student's {by}, from step {back['from_step']}): {outcome}")
             return
+        # halfway (geometrically) between what steps k-1 and k reached: a step that could not reach its target
+        # (compress.max_layer_pruning_ratio) is larger than planned
         if st["stopped"] is None:
             return
-        ratio = math.sqrt(self.step_ratio(k - 1) * self.step_ratio(k))
+        before, failed = st["curve"][k - 1][f"{by}_ratio"], st["curve"][k][f"{by}_ratio"]
+        if failed > 0.98 * before:  # no milder step left between them
+            return
+        if st["curve"][k - 1]["val_accuracy_after_recovery"] < self.reach_floor() - 1e-9:
+            # the step before is out of reach itself (the student can be: flowers 224 px, 3 images below a teacher of
+            # 168/180): a milder step from it cannot ship either
+            return
+        ratio = math.sqrt(before * failed)
         st["backoff"] = {"step": k + 1, "from_step": k - 1, "ratio": ratio, "after": st["stopped"]}
         st["stopped"] = None
         self.stage.log(f"back-off: one milder pruning step {k + 1}, from step {k - 1} to {ratio:.3f} of the student's "
@@ -803,17 +812,22 @@ class Compression:
         selection split: export's paired rule can never ship it, and smaller models only lose more (flowers 224 px:
         steps 2 and 3 cost 22 minutes of recovery after step 1 had already missed the teacher by 3 images)."""
         st = self.st
-        if st.get("teacher_val") is None:
-            st["teacher_val"] = _teacher_accuracy(self.teacher, self.data.val, eval_loaders(self.teacher_pre, self.cfg,
-                                                  self.device), self.device, self.num_classes, self.amp)
-        floor = st["teacher_val"] - self.cfg.run.max_accuracy_drop - 1 / max(1, len(self.data.val))
-        if after >= floor - 1e-9:
+        if after >= self.reach_floor() - 1e-9:
             return
         st["stopped"] = (f"pruning step {k} is {st['teacher_val'] - after:.4f} below the teacher's selection accuracy "
                          f"{st['teacher_val']:.4f}, more than run.max_accuracy_drop={self.cfg.run.max_accuracy_drop:g} "
                          f"plus one image: export cannot ship it, and further steps would only lose more. Pruning "
                          f"stopped after step {k}")
         self.stage.warn(f"BUDGET: {st['stopped']}")
+
+    def reach_floor(self) -> float:
+        """The lowest selection accuracy export's paired rule could still ship: the teacher's, less
+        run.max_accuracy_drop and one image (the teacher is evaluated once, on first use)."""
+        st = self.st
+        if st.get("teacher_val") is None:
+            st["teacher_val"] = _teacher_accuracy(self.teacher, self.data.val, eval_loaders(self.teacher_pre, self.cfg,
+                                                  self.device), self.device, self.num_classes, self.amp)
+        return st["teacher_val"] - self.cfg.run.max_accuracy_drop - 1 / max(1, len(self.data.val))
 
     def kept_model(self) -> tuple[nn.Module, list]:
         """The last model within the budget (rebuilt from its history and weights when a later step broke it)."""
@@ -881,7 +895,8 @@ class Compression:
             "steps": [{"step": 0, "file": "student.pt", "macs_ratio": 1.0, "val_accuracy": st["student_val"]}] + [
                 {"step": c["step"], "file": f"pruned_step{c['step']}.pt", "macs_ratio": c["macs_ratio"],
                  "params_ratio": c["params_ratio"], "val_accuracy": c.get("val_accuracy_after_recovery"),
-                 "within_compress_budget": c.get("within_budget")} for c in st["curve"][1:]],
+                 "within_compress_budget": c.get("within_budget"), "backoff": c.get("backoff", False)}
+                for c in st["curve"][1:]],
             "classes": self.data.classes, "splits": self.data.counts(), "split_roles": self.data.describe(),
             "test_is_val": self.data.test_is_val, "preprocessing": {"teacher": self.teacher_pre, "student": self.pre},
             "evaluation": full, "device": str(self.device), "world_size": stage.dist.world_size,
@@ -909,7 +924,7 @@ class Compression:
         in a collective through six evaluation passes (issue #15 #3)."""
         rows, full, cfg, data = {}, {}, self.cfg, self.data
         makers = {"teacher": eval_loaders(self.teacher_pre, cfg, self.device)}
-        makers["student"] = makers["pruned"] = eval_loaders(self.pre, cfg, self.device)  # same preprocessing
+        makers["student"] = makers["pruned"] = self.make_eval  # the student's loaders, already running
         for role in ("teacher", "student", "pruned"):
             m = self.teacher if role == "teacher" else self.stage.load_artifact(f"{role}.pt")[0]
             p = self.teacher_pre if role == "teacher" else self.pre

@@ -362,7 +362,8 @@ def candidate_list(compress_metrics: dict) -> list[dict]:
     by step: a back-off step (compress.backoff) is milder than the failed step before it."""
     steps = sorted(compress_metrics.get("steps") or [{"step": 0, "file": "student.pt"}],
                    key=lambda c: (c.get("macs_ratio", 1.0), -c["step"]))
-    out = [{"name": "student" if c["step"] == 0 else f"pruning step {c['step']}", "file": c["file"],
+    out = [{"name": "student" if c["step"] == 0 else f"pruning step {c['step']}" + (" (back-off)" if c.get("backoff")
+                                                                                   else ""), "file": c["file"],
             "step": c["step"]} for c in steps]
     if compress_metrics.get("probe") and compress_metrics.get("student_source") != "probe":
         out.append({"name": "student probe (pretrained backbone + logistic-regression head)",
