@@ -140,8 +140,10 @@ class CompressConfig:
     # unpruned student's selection accuracy
     recovery_epochs: int = 6
     # After the first failed step (compress.max_accuracy_drop broken, or out of reach of the teacher): one milder step
-    # from the step before, at the geometric mean of the two targets. Off for a latency target.
-    backoff: bool = True
+    # from the step before, halfway (geometrically) between the sizes the two reached. Not for a latency target. Off by
+    # default: cats 224 px, the back-off to 0.89 MACs ended 4 images below the teacher (step 1 at 0.79: 3) and cost
+    # 6 recovery epochs, 8 of the run's 43 minutes (docs/accuracy.md)
+    backoff: bool = False
     # magnitude | taylor | bn_scale. flowers 224 px, one step to 0.78 MACs, selection accuracy after BN
     # recalibration: taylor 0.689, magnitude 0.578 (0.878 vs 0.861 after 2 recovery epochs); global ranking and
     # sparing the residual trunks were worse (docs/accuracy.md)

@@ -475,7 +475,7 @@ def test_a_failed_step_is_followed_by_one_milder_back_off_step_that_export_tries
     1 and the MACs ratio step 1 reached, then pruning ends. Every step is kept; export orders them by MACs, not by step."""
     from pipeline.export import candidate_list
 
-    cfg = make_config(*QUICK, "compress.pruning_steps=3", "compress.max_accuracy_drop=1.0")
+    cfg = make_config(*QUICK, "compress.pruning_steps=3", "compress.max_accuracy_drop=1.0", "compress.backoff=true")
     make_teacher(cfg)
     sizes: list[int] = []
 
