@@ -187,6 +187,9 @@ class ExportConfig:
     calibration_method: str = "minmax"   # minmax | entropy | percentile
     per_channel: bool = True
     max_int8_drop: float = 0.01          # top-1 on the selection split vs the fp32 ONNX
+    # closest: try every plain recipe, ship the one within max_int8_drop whose answers are closest to fp32's
+    # (mean KL on the selection split); first: ship the first recipe within max_int8_drop (faster export)
+    int8_choice: str = "closest"
     parity_atol: float = 1e-3            # max |logit diff| ONNX fp32 vs PyTorch
     min_top1_agreement: float = 0.99
     latency_threads: int = 2
@@ -264,6 +267,7 @@ CHOICES = {
     ("export", "exporter"): ("dynamo", "legacy"),
     ("export", "quantization"): ("static", "dynamic", "fp16", "none"),
     ("export", "calibration_method"): ("minmax", "entropy", "percentile"),
+    ("export", "int8_choice"): ("closest", "first"),
     ("export", "runtimes"): ("auto", "onnxruntime"),
 }
 

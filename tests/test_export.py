@@ -113,8 +113,13 @@ def test_int8_runs_and_its_accuracy_drop_is_computed(exported):
     cfg, result = exported
     _, _, x, y = _test_batch(cfg, "val")  # the recipe is chosen on the selection split
     report = json.loads((cfg.run_dir / "report.json").read_text())
-    shipped = report["int8"]["attempts"][0]
-    assert shipped["ok"] and report["int8"]["shipped"] == shipped["name"] == "static per-channel minmax"
+    attempts = report["int8"]["attempts"]
+    shipped = next(a for a in attempts if a.get("chosen"))
+    assert shipped["ok"] and report["int8"]["shipped"] == shipped["name"]
+    # export.int8_choice=closest: every plain recipe was tried; of those within the cap, the closest to fp32 ships
+    assert [a["name"] for a in attempts] == ["static per-channel minmax", "static per-tensor minmax",
+                                             "static per-channel percentile"]
+    assert shipped["kl_vs_fp32"] == min(a["kl_vs_fp32"] for a in attempts if a["ok"])
     int8 = export.run_onnx(runtime.make_session(cfg.run_dir / "export" / "model.int8.onnx", "cpu"), x)
     fp32 = export.run_onnx(runtime.make_session(cfg.run_dir / "export" / "model.fp32.onnx", "cpu"), x)
     acc8, acc32 = export.accuracy(int8, y), export.accuracy(fp32, y)
@@ -240,6 +245,33 @@ def test_int8_fallbacks_are_tried_and_fp32_shipped_when_none_fits(exported, tmp_
     assert card["files"]["int8"] is None and card["files"]["ort"] == "model.fp32.ort"
     assert (card["recommended"]["cpu"]["file"], card["recommended"]["cuda"]["file"]) == ("model.fp32.onnx",) * 2
     assert read_card_from_session(runtime.make_session(stage / "model.fp32.ort", "cpu"))["labels"] == card["labels"]
+
+
+def test_int8_choice_ships_the_recipe_closest_to_fp32(tmp_path, monkeypatch):
+    """Selection logic alone: three recipes with scripted logits; 'closest' ships the one within the cap whose
+    answers are closest to fp32's, 'first' the first within the cap; the sensitive-nodes recipe is not needed."""
+    import onnxruntime.quantization as ortq
+
+    from pipeline.config import ExportConfig
+
+    fp32 = np.array([[3.0, 0.0], [0.0, 3.0], [2.0, 0.0], [0.0, 2.0]])
+    y = np.array([0, 1, 0, 1])
+    scripted = {"static per-channel minmax": fp32 * 0.5,             # same answers, flatter: KL > 0
+                "static per-tensor minmax": fp32[:, ::-1].copy(),     # every answer flipped: over the cap
+                "static per-channel percentile": fp32 * 0.9}          # same answers, closest to fp32
+    monkeypatch.setattr(ortq, "quant_pre_process", lambda src, dst, **kw: None)
+    monkeypatch.setattr(export, "quantize", lambda prep, out, calib, recipe: out.write_text(recipe["name"]))
+    monkeypatch.setattr(runtime, "make_session", lambda path, *a, **kw: path.read_text())
+    monkeypatch.setattr(export, "run_onnx", lambda name, x: scripted[name])
+    for choice, expected in (("closest", "static per-channel percentile"), ("first", "static per-channel minmax")):
+        ce = ExportConfig(int8_choice=choice)
+        out = tmp_path / f"{choice}.int8.onnx"
+        name, logits, attempts = export.quantize_with_budget(ce, tmp_path / "m.onnx", out, tmp_path, None, None, y, fp32)
+        assert name == expected and out.read_text() == expected and np.array_equal(logits, scripted[expected])
+        assert not any("sensitive" in a["name"] for a in attempts)
+        assert [a["ok"] for a in attempts] == ([True, False, True] if choice == "closest" else [True])
+    assert export.kl_to_reference(fp32, fp32) == pytest.approx(0.0, abs=1e-12)
+    assert 0 < export.kl_to_reference(fp32, fp32 * 0.9) < export.kl_to_reference(fp32, fp32 * 0.5)
 
 
 def test_no_candidate_within_the_budget_is_said_loudly(exported, tmp_path, capsys):
