@@ -85,8 +85,10 @@ def test_export_writes_everything_and_the_report(exported):
     onnx.checker.check_model(str(stage / "model.fp32.onnx"), full_check=True)
     report = json.loads((cfg.run_dir / "report.json").read_text())
     assert list(report["models"]) == ["teacher", "student", "pruned", "onnx_fp32", "onnx_int8"]
+    # Which plain recipe is closest to fp32 depends on the CPU's rounding, so only its origin is fixed here.
     assert report["shipped"] == {"candidate": "pruning step 1", "file": "pruned_step1.pt", "precision": "int8",
-                                 "row": "onnx_int8", "recipe": "static per-channel minmax"}
+                                 "row": "onnx_int8", "recipe": report["int8"]["shipped"]}
+    assert report["int8"]["shipped"] in {a["name"] for a in report["int8"]["attempts"] if a["ok"]}
     for name, row in report["models"].items():  # intervals and the paired drop on the report split
         lo, hi = row["accuracy_ci95"]
         assert lo <= row["accuracy"] <= hi and row["drop_vs_teacher"] == pytest.approx(
