@@ -106,6 +106,8 @@ def test_export_writes_everything_and_the_report(exported):
     assert report["threads"]["onnxruntime"] == cfg.export.latency_threads and report["machine"]["cpu_count"]
     md = (cfg.run_dir / "report.md").read_text()
     assert "| onnx_int8 |" in md and "recommended" in md and "Verdict" in md and "drop_vs_teacher" in md
+    rec_b1 = report["teacher_onnx"]["latency_ms_b1"] / report["recommended"]["cpu"]["latency_ms_b1"]
+    assert f"speed-up vs the teacher's ONNX Runtime fp32: cpu {rec_b1:.2f}x at batch 1" in md
     assert (cfg.run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
     manifest = json.loads((stage / "manifest.json").read_text())
     assert {"model.fp32.onnx", "model.int8.onnx", "model.int8.ort", "model.json", "../report.json"} <= set(manifest["outputs"])
@@ -274,6 +276,32 @@ def test_int8_choice_ships_the_recipe_closest_to_fp32(tmp_path, monkeypatch):
         assert [a["ok"] for a in attempts] == ([True, False, True] if choice == "closest" else [True])
     assert export.kl_to_reference(fp32, fp32) == pytest.approx(0.0, abs=1e-12)
     assert 0 < export.kl_to_reference(fp32, fp32 * 0.9) < export.kl_to_reference(fp32, fp32 * 0.5)
+
+
+def test_int8_does_not_ship_a_model_whose_fp32_source_misses_the_budget(tmp_path):
+    """The budget decision alone, on 100 scripted selection images: the teacher gets 100 right, the fp32 source 95
+    (out of budget), its int8 file 99 (within it, by luck). int8 is refused; with a source within budget it ships."""
+    from types import SimpleNamespace
+
+    y = np.zeros(100, dtype=int)
+    cfg = SimpleNamespace(export=None, run=SimpleNamespace(max_accuracy_drop=0.01))
+
+    def logits(n_right):
+        out = np.zeros((100, 2))
+        out[:n_right, 0], out[n_right:, 1] = 1.0, 1.0
+        return out
+
+    pool = export.Candidates(cfg, tmp_path, tmp_path, (None, y), np.ones(100, dtype=bool), None, None)
+    cand = {"name": "pruning step 1", "file": "pruned_step1.pt"}
+    plain = pool.judge(cand, "int8", logits(99), {})
+    assert plain["ok"] and "source_fp32" not in plain          # without a source: the int8 answers alone
+    refused = pool.judge(cand, "int8", logits(99), {}, source_logits=logits(95))
+    assert refused["vs_teacher"]["ok"] and not refused["source_fp32"]["vs_teacher"]["ok"] and not refused["ok"]
+    assert "misses the budget" in export._source_note(refused)
+    shipped = pool.judge(cand, "int8", logits(99), {}, source_logits=logits(99))
+    assert shipped["ok"] and export._source_note(shipped) == ""
+    # the int8 file's own gate still applies when the source passes
+    assert not pool.judge(cand, "int8", logits(95), {}, source_logits=logits(100))["ok"]
 
 
 def test_no_candidate_within_the_budget_is_said_loudly(exported, tmp_path, capsys):
