@@ -1058,9 +1058,10 @@ def make_verdict(cfg, shipped: dict, rows: dict, shipped_ok: bool, pool: Candida
 
 
 def _source_note(attempt: dict) -> str:
-    """' (its fp32 0.9667 misses the budget)' for an int8 attempt refused because of its fp32 source."""
+    """' (its fp32 0.9667 misses the budget)' for an int8 attempt refused because of its fp32 source alone."""
     src = attempt.get("source_fp32")
-    if not src or (src["vs_teacher"]["ok"] and src["vs_probe"]["ok"]):
+    if (not src or (src["vs_teacher"]["ok"] and src["vs_probe"]["ok"])
+            or not (attempt["vs_teacher"]["ok"] and attempt["vs_probe"]["ok"])):
         return ""
     return f" (its fp32 {src['selection_accuracy']:.4f} misses the budget)"
 

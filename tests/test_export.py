@@ -302,6 +302,8 @@ def test_int8_does_not_ship_a_model_whose_fp32_source_misses_the_budget(tmp_path
     assert shipped["ok"] and export._source_note(shipped) == ""
     # the int8 file's own gate still applies when the source passes
     assert not pool.judge(cand, "int8", logits(95), {}, source_logits=logits(100))["ok"]
+    both_miss = pool.judge(cand, "int8", logits(95), {}, source_logits=logits(95))
+    assert not both_miss["ok"] and export._source_note(both_miss) == ""   # refused on its own answers already
 
 
 def test_no_candidate_within_the_budget_is_said_loudly(exported, tmp_path, capsys):
