@@ -427,7 +427,7 @@ class Candidates:
         attempt = {"candidate": cand["name"], "file": cand["file"], "precision": precision,
                    "selection_accuracy": float(correct.mean()), "vs_teacher": vs_teacher, "vs_probe": vs_probe,
                    **extra}
-        ok = vs_teacher["ok"] and vs_probe["ok"] and extra.get("int8_ok", True)
+        ok = vs_teacher["ok"] and vs_probe["ok"]
         why = ""
         if source_logits is not None:
             src_correct = source_logits.argmax(1) == self.y
