@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -295,10 +296,24 @@ def resize_and_crop(im: Image.Image, pre: dict) -> Image.Image:
 
 
 def normalize(im: Image.Image, pre: dict) -> np.ndarray:
-    """RGB PIL image of crop_size -> float32 CHW array, normalised with mean/std."""
-    arr = np.asarray(im, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(pre["mean"], dtype=np.float32)) / np.asarray(pre["std"], dtype=np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    """RGB PIL image of crop_size -> float32 CHW array, (pixel / 255 - mean) / std.
+
+    A pixel has 256 values, so each channel is a lookup in a table of the same float32 formula: the same
+    bits as computing it per pixel, at about 0.6 of the time (a third of a request's preprocessing was this
+    arithmetic; docs/speed.md)."""
+    table = _normalize_table(tuple(map(float, pre["mean"])), tuple(map(float, pre["std"])))
+    out = np.empty((3, im.size[1], im.size[0]), dtype=np.float32)
+    for c, band in enumerate(im.split()):
+        np.take(table[c], np.asarray(band), out=out[c])
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _normalize_table(mean: tuple, std: tuple) -> np.ndarray:
+    values = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    table = (values[None, :] - np.asarray(mean, dtype=np.float32)[:, None]) / np.asarray(std, dtype=np.float32)[:, None]
+    table.setflags(write=False)
+    return table
 
 
 def preprocess(image: Image.Image | bytes | str, pre: dict, max_pixels: int | None = None,

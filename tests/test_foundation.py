@@ -200,6 +200,23 @@ def test_numpy_preprocess_matches_torchvision_eval_transform(interp, crop_pct):
     assert np.abs(ours - ref).max() < 0.05  # PIL vs tensor resize rounding only
 
 
+def test_normalize_lookup_equals_the_per_pixel_formula_bit_for_bit():
+    """normalize() reads a per-channel table of the float32 formula: every one of the 256 values of every channel,
+    with odd mean/std, gives the same bits as (x / 255 - mean) / std computed per pixel, as a contiguous CHW array."""
+    from pipeline.preprocess import normalize
+
+    rng = np.random.default_rng(1)
+    every_value = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # 1 row: 0..255 per channel
+    arr = np.concatenate([every_value, every_value[:, ::-1], rng.integers(0, 256, (6, 256, 3), dtype=np.uint8)])
+    for mean, std in [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                      ((0.0, 1.0, -0.3), (1.0, 0.01, 3.0))]:
+        pre = {"mean": list(mean), "std": list(std)}
+        ref = (arr.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+        ours = normalize(Image.fromarray(arr), pre)
+        assert ours.dtype == np.float32 and ours.flags.c_contiguous and ours.shape == (3, 8, 256)
+        assert np.array_equal(ours, ref.transpose(2, 0, 1))
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA"])
 def test_image_modes_become_rgb(mode):
     im = _photo("RGB").convert(mode) if mode != "I;16" else Image.fromarray(
