@@ -125,6 +125,7 @@ class CompressConfig:
     # from 0.906 to 0.828 on the selection split; the teacher's fine-tune gained at 1e-4
     backbone_lr_mult: float = 0.05
     probe_init: bool = True              # the student's head starts from its own frozen-feature probe
+    keep_best_epoch: bool = True         # the distilled student is its best epoch on the selection split
     # BatchNorm running statistics stay as pretrained (eval mode) while distilling and recovering, as in finetune:
     # flowers 224 px, with batch statistics the probe-initialised student fell from 0.906 to 0.800 (selection
     # split) in the first distillation epoch, at a backbone LR of 1e-4 as at 5e-4.

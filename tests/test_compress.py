@@ -424,6 +424,43 @@ def test_a_second_run_on_the_same_run_dir_is_refused_and_leftovers_are_cleaned(m
     assert not stale.exists()
 
 
+def test_the_distilled_student_is_its_best_epoch_on_the_selection_split(make_config, monkeypatch):
+    """Of the distillation epochs, the one with the best selection accuracy becomes student.pt (ties: the later one),
+    not the last. Accuracies are scripted per epoch; a re-evaluation of weights seen before gets their first answer,
+    so the check also proves that the kept weights are that epoch's."""
+    cfg = make_config(*QUICK, "compress.epochs=4", "compress.target_macs_ratio=1.0", "compress.probe_init=false")
+    make_teacher(cfg)
+    per_epoch = iter([0.50, 0.90, 0.70, 0.90, 0.60])  # epochs 1..4, then epoch 5 of the control run
+    seen: list[tuple] = []
+
+    def scripted(model, *args, **kw):
+        key = tuple(round(float(v.double().sum()), 6) for v in engine.unwrap(model).state_dict().values()
+                    if v.is_floating_point())
+        for k, acc in seen:
+            if k == key:
+                return acc
+        seen.append((key, next(per_epoch)))
+        return seen[-1][1]
+    monkeypatch.setattr(compress, "_val_accuracy", scripted)
+    monkeypatch.setattr(compress, "_teacher_accuracy", lambda *a, **k: 0.90)
+    compress.run(cfg)
+    m = json.loads((cfg.run_dir / "compress" / "metrics.json").read_text())
+    assert [h["val_accuracy"] for h in m["distill_history"]] == [0.50, 0.90, 0.70, 0.90]
+    assert m["student_epoch"] == 3 and m["steps"][0]["val_accuracy"] == 0.90  # the later of the two 0.90 epochs
+    assert len(seen) == 4  # student.pt's weights are epoch 4's: no fifth set of weights was scored
+
+    seen.clear()
+    per_epoch = iter([0.50, 0.90, 0.70, 0.60, 0.55])
+    cfg = make_config(*QUICK, "compress.epochs=4", "compress.target_macs_ratio=1.0", "compress.probe_init=false",
+                      run_dir=cfg.run_dir.parent / "best_in_the_middle")
+    make_teacher(cfg)
+    compress.run(cfg)
+    m = json.loads((cfg.run_dir / "compress" / "metrics.json").read_text())
+    assert m["student_epoch"] == 1 and m["steps"][0]["val_accuracy"] == 0.90 and len(seen) == 4
+    student, _ = load_model_artifact(cfg.run_dir / "compress" / "student.pt")
+    assert scripted(student) == 0.90 and len(seen) == 4  # the saved weights are epoch 2's
+
+
 def test_recovery_stops_at_the_first_epoch_back_within_the_end_to_end_budget(make_config, monkeypatch):
     """Recovery runs up to compress.recovery_epochs, and stops after the first epoch whose selection accuracy is
     back at the unpruned student's. Accuracies are scripted per call on the pruned model."""
