@@ -488,9 +488,15 @@ class Candidates:
         scored = [a for a in self.attempts if "selection_accuracy" in a]
         if not scored:
             raise ExportError("no candidate could be exported: " + "; ".join(a.get("reason", "") for a in self.attempts))
-        best = max(scored, key=lambda a: a["selection_accuracy"])
+        best = max(scored, key=credible_accuracy)
         cand = next(c for c in candidates if c["file"] == best["file"])
         return cand, (best if best["precision"] == "int8" else None)
+
+
+def credible_accuracy(attempt: dict) -> float:
+    """Selection accuracy an attempt can be trusted with: an int8 file counts at most its fp32 source's, since its
+    gain over that source is noise (Candidates.judge). Ties keep the earlier attempt: int8 before fp32."""
+    return min(attempt["selection_accuracy"], attempt.get("source_fp32", {}).get("selection_accuracy", 1.0))
 
 
 def kl_to_reference(reference: np.ndarray, logits: np.ndarray) -> float:

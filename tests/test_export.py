@@ -304,6 +304,9 @@ def test_int8_does_not_ship_a_model_whose_fp32_source_misses_the_budget(tmp_path
     assert not pool.judge(cand, "int8", logits(95), {}, source_logits=logits(100))["ok"]
     both_miss = pool.judge(cand, "int8", logits(95), {}, source_logits=logits(95))
     assert not both_miss["ok"] and export._source_note(both_miss) == ""   # refused on its own answers already
+    # when nothing ships, the loud fallback ranks an int8 file by at most its source's accuracy
+    assert export.credible_accuracy(refused) == 0.95 and export.credible_accuracy(plain) == 0.99
+    assert export.credible_accuracy(pool.judge(cand, "int8", logits(93), {}, source_logits=logits(95))) == 0.93
 
 
 def test_no_candidate_within_the_budget_is_said_loudly(exported, tmp_path, capsys):
@@ -319,7 +322,7 @@ def test_no_candidate_within_the_budget_is_said_loudly(exported, tmp_path, capsy
     assert result["verdict"]["ok"] is False and "NO STUDENT MEETS THE BUDGET" in report["verdict"]["message"]
     assert "student.name" in report["verdict"]["message"]  # names the options
     assert len(report["candidates"]) == 4 and not any(a["ok"] for a in report["candidates"])
-    best = max(report["candidates"], key=lambda a: a["selection_accuracy"])
+    best = max(report["candidates"], key=export.credible_accuracy)
     assert report["shipped"]["file"] == best["file"] and report["shipped"]["precision"] == best["precision"]
     assert "NO STUDENT MEETS THE BUDGET" in capsys.readouterr().out
     assert "NO STUDENT MEETS THE BUDGET" in (cfg.run_dir / "report.md").read_text()
