@@ -427,14 +427,14 @@ class Candidates:
         attempt = {"candidate": cand["name"], "file": cand["file"], "precision": precision,
                    "selection_accuracy": float(correct.mean()), "vs_teacher": vs_teacher, "vs_probe": vs_probe,
                    **extra}
-        ok = vs_teacher["ok"] and vs_probe["ok"]
+        ok = _gates_ok(attempt)
         why = ""
         if source_logits is not None:
             src_correct = source_logits.argmax(1) == self.y
             src_teacher, src_probe = self.end_to_end(src_correct)
             attempt["source_fp32"] = {"selection_accuracy": float(src_correct.mean()), "vs_teacher": src_teacher,
                                       "vs_probe": src_probe}
-            if ok and not (src_teacher["ok"] and src_probe["ok"]):
+            if ok and not _gates_ok(attempt["source_fp32"]):
                 ok = False
                 why = (f"; its fp32 source misses them (selection accuracy {src_correct.mean():.4f}, vs teacher "
                        f"{src_teacher['reason']}, vs probe {src_probe['reason']}): an int8 gain over fp32 is noise")
@@ -1066,10 +1066,14 @@ def make_verdict(cfg, shipped: dict, rows: dict, shipped_ok: bool, pool: Candida
 def _source_note(attempt: dict) -> str:
     """' (its fp32 0.9667 misses the budget)' for an int8 attempt refused because of its fp32 source alone."""
     src = attempt.get("source_fp32")
-    if (not src or (src["vs_teacher"]["ok"] and src["vs_probe"]["ok"])
-            or not (attempt["vs_teacher"]["ok"] and attempt["vs_probe"]["ok"])):
+    if not src or _gates_ok(src) or not _gates_ok(attempt):
         return ""
     return f" (its fp32 {src['selection_accuracy']:.4f} misses the budget)"
+
+
+def _gates_ok(scored: dict) -> bool:
+    """Both end-to-end gates (Candidates.end_to_end) passed, for an attempt or its source_fp32 entry."""
+    return bool(scored["vs_teacher"]["ok"] and scored["vs_probe"]["ok"])
 
 
 def _plain_attempts(attempts: list[dict]) -> list[dict]:
