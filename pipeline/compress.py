@@ -439,6 +439,11 @@ def run(cfg, force: bool = False) -> dict:
     return {"skipped": False, "stage_dir": str(stage.dir), **result}
 
 
+def _phase(state: dict) -> tuple:
+    """Which training phase a compress state is in: distillation, or the recovery after one pruning step."""
+    return state["phase"], state["prune_step"], state["recovering"]
+
+
 class Compression:
     """One compress run. `st` is the plain state the checkpoint saves (with the model, optimizer, scheduler,
     scaler and RNG): phase, epoch/step within it, pruning step, curves, the last model within budget."""
@@ -451,6 +456,8 @@ class Compression:
         self.load_models()
         self.amp = engine.amp_dtype(cc.amp, device)
         self.channels_last = engine.use_channels_last(cc.channels_last, device)
+        if self.channels_last:  # the frozen teacher's forward is a third of each distillation step
+            self.teacher.to(memory_format=torch.channels_last)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.steps = steps_per_epoch(len(data.train), cfg.data.batch_size, stage.dist.world_size, cc.max_steps_per_epoch)
         self.make_task()
@@ -526,7 +533,7 @@ class Compression:
         if st["history"]:
             self.model = rebuild(self.cfg.student.name, self.num_classes, st["history"], self.input_size)
         self.model.load_state_dict(ckpt["model"])
-        self.model.to(self.device)
+        self.layout(self.model.to(self.device))
         where = (f"distillation epoch {st['epoch'] + 1}, step {st['step']}" if st["phase"] == "distill" else
                  f"pruning step {st['prune_step'] + 1}, recovery epoch {st['epoch'] + 1} step {st['step']}"
                  if st["recovering"] else f"the end of pruning step {st['prune_step']}")
@@ -556,9 +563,12 @@ class Compression:
         fn = engine.warmup_decay_lambda(max(1, epochs) * opt_steps, int(round(warmup_epochs * opt_steps)), "cosine")
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, fn)
         if self.resume_optimizer is not None:  # only the training phase the checkpoint was taken in
-            self.opt.load_state_dict(self.resume_optimizer["optimizer"])
-            self.sched.load_state_dict(self.resume_optimizer["scheduler"])
-            engine.restore_scaler(self.scaler, self.resume_optimizer.get("scaler"))
+            if _phase(self.resume_optimizer["state"]) == _phase(self.st):
+                self.opt.load_state_dict(self.resume_optimizer["optimizer"])
+                self.sched.load_state_dict(self.resume_optimizer["scheduler"])
+                engine.restore_scaler(self.scaler, self.resume_optimizer.get("scaler"))
+            # A checkpoint from the end of a recovery whose epoch met its goal resumes without training that phase:
+            # its optimizer (the step before's shapes) must not reach the next step's recovery.
             self.resume_optimizer = None
 
     def save_ckpt(self) -> None:
@@ -569,10 +579,16 @@ class Compression:
             scaler=self.scaler.state_dict(), config_hash=self.chash, teacher=self.teacher_sha,
             data=self.data.fingerprint, world_size=self.stage.dist.world_size)
 
-    def wrap(self):
-        m = engine.unwrap(self.model)
+    def layout(self, model: nn.Module) -> nn.Module:
+        """`model` in the run's memory format. A resumed or freshly pruned student must compute exactly like the
+        uninterrupted one, and NHWC and NCHW kernels differ in the last bits, so every (re)built model gets it
+        before it runs (pruning's index_select gives the pruned tensors the default format)."""
         if self.channels_last:
-            m.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def wrap(self):
+        m = self.layout(engine.unwrap(self.model))
         return engine.wrap_for_training(m, self.stage.dist, self.device, compile=self.cfg.run.compile)
 
     def train_epochs(self, total: int, desc: str):
@@ -704,11 +720,12 @@ class Compression:
             name = "student.pt" if back["from_step"] == 0 else f"pruned_step{back['from_step']}.pt"
             self.model, meta = self.stage.load_artifact(name)
             st["history"] = list(meta.get("pruning_history") or [])
+        self.layout(self.model)
         target = st["base"][by] * self.step_ratio(k)
         grads = taylor_grads(self.model, self.task, self.train_loader, cc, device) if cc.importance == "taylor" else None
         t0 = time.perf_counter()
         pruned, hist, info = latency.prune_step_model(self, k, target, by, grads)  # prune_to, or to a latency
-        self.model = pruned.to(device)
+        self.model = self.layout(pruned.to(device))
         for p in self.model.parameters():
             p.requires_grad_(True)
         st["history"] = st["history"] + hist

@@ -112,7 +112,7 @@ class FinetuneConfig:
     freeze_bn_stats: bool = True
     grad_clip: float = 1.0               # max grad norm, 0 = off
     amp: str = "auto"                    # auto | bf16 | fp16 | off (CUDA only; CPU runs fp32)
-    channels_last: str = "auto"          # auto | on | off (auto = on for CUDA)
+    channels_last: str = "auto"          # auto | on | off (auto = on for CUDA and the CPU)
     checkpoint_every_steps: int = 0      # also checkpoint mid-epoch every N steps (0 = per epoch)
     max_steps_per_epoch: int = 0         # cap for quick runs and tests (0 = whole epoch)
 
@@ -162,7 +162,7 @@ class CompressConfig:
     warmup_epochs: float = 0.5           # linear LR warmup at the start of distillation
     grad_clip: float = 1.0               # max grad norm, 0 = off
     amp: str = "auto"                    # auto | bf16 | fp16 | off (CUDA only; CPU runs fp32)
-    channels_last: str = "auto"          # auto | on | off (auto = on for CUDA)
+    channels_last: str = "auto"          # auto | on | off (auto = on for CUDA and the CPU)
     global_pruning: bool = False         # rank channels across layers instead of the same ratio per layer
     max_layer_pruning_ratio: float = 0.9  # at most this fraction of a layer's channels per pruning step
     taylor_batches: int = 4              # importance=taylor: training batches whose gradients score channels

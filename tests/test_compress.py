@@ -312,6 +312,34 @@ def test_resume_after_interruptions_gives_the_same_weights(make_config, tmp_path
     assert [c["macs"] for c in a["pruning_curve"]] == [c["macs"] for c in b["pruning_curve"]]
 
 
+def test_resume_after_a_recovery_that_met_its_goal_does_not_reuse_its_optimizer(make_config, tmp_path, monkeypatch):
+    """Killed after step 1's last recovery epoch was checkpointed, before its judgement: the rerun has no step-1
+    training left, and step 1's optimizer state (other tensor shapes) must not be loaded into step 2's recovery.
+    A real kill -9 once landed here ("The size of tensor a (1056) must match the size of tensor b (832)")."""
+    common = ("data.batch_size=4", "compress.checkpoint_every_steps=1", "compress.max_steps_per_epoch=3",
+              "compress.latency_runs=2", "run.max_accuracy_drop=1.0", "compress.max_accuracy_drop=1.0")
+    ref = make_config(*common, run_dir=tmp_path / "ref")
+    make_teacher(ref)
+    compress.run(ref)
+
+    cfg = make_config(*common, run_dir=tmp_path / "resumed")
+    make_teacher(cfg)
+
+    def judge_dying(self, k):
+        raise Interrupt()
+    real_judge = compress.Compression.judge
+    monkeypatch.setattr(compress.Compression, "judge", judge_dying)
+    with pytest.raises(Interrupt):
+        compress.run(cfg)
+    ck = engine.load_checkpoint(cfg.run_dir / "compress" / "checkpoint.pt")
+    assert (ck["state"]["prune_step"], ck["state"]["recovering"]) == (0, True) and ck["optimizer"] is not None
+    monkeypatch.setattr(compress.Compression, "judge", real_judge)
+
+    compress.run(cfg)
+    for name in ("student.pt", "pruned.pt"):
+        _assert_same_weights(_state(ref.run_dir / "compress" / name), _state(cfg.run_dir / "compress" / name))
+
+
 def test_budget_stops_pruning_and_keeps_the_last_good_model(make_config, monkeypatch, capsys):
     """A step that breaks compress.max_accuracy_drop after recovery is discarded and pruning stops.
 
