@@ -508,11 +508,21 @@ def kl_to_reference(reference: np.ndarray, logits: np.ndarray) -> float:
     return float((np.exp(ref) * (ref - log_softmax(logits.astype(np.float64)))).sum(1).mean())
 
 
+def int8_cap_ok(ce, fp32_correct, int8_correct) -> bool:
+    """export.max_int8_drop of an int8 file below its own fp32 file, on the same selection images, by the end-to-end
+    budget's paired rule (pipeline.budget.paired_drop): within the cap, or one image over it while the paired 95%
+    interval contains 0. A plain accuracy difference let one image decide: on flowers 224 px the distilled student's
+    fp32 was its best of 4 epochs on those 180 images (0.9278, flattered by the pick) and every int8 recipe landed 2
+    images lower (0.0111 > 0.01), level with the teacher, so the fp32 student shipped at 1.14x the teacher's speed."""
+    return budget.paired_drop(np.asarray(fp32_correct), np.asarray(int8_correct), ce.max_int8_drop)["ok"]
+
+
 def quantize_with_budget(ce, fp32_path: Path, int8_path: Path, work_dir: Path, calib: np.ndarray, x_sel, y_sel,
                          fp32_logits) -> tuple:
     """Quantize with the int8 recipes on the selection split and write the one chosen to int8_path.
 
-    A recipe is within budget when its top-1 is at most export.max_int8_drop below the fp32 ONNX. With
+    A recipe is within budget when its top-1 is at most export.max_int8_drop below the fp32 ONNX, decided on paired
+    answers like the end-to-end budget (`int8_cap_ok`). With
     export.int8_choice=closest every plain recipe is tried, and of those within budget the one whose answers are
     closest to fp32's (mean KL) ships: on 150-400 selection images accuracy moves by whole images, the KL by every
     image (docs/export.md has the measurement). The sensitive-nodes recipe is tried only when no plain one fits.
@@ -545,7 +555,8 @@ def quantize_with_budget(ce, fp32_path: Path, int8_path: Path, work_dir: Path, c
             continue
         first_try = first_try or candidate
         acc = accuracy(logits, y_sel)
-        attempt.update(accuracy=acc, drop=fp32_acc - acc, ok=fp32_acc - acc <= ce.max_int8_drop,
+        attempt.update(accuracy=acc, drop=fp32_acc - acc,
+                       ok=int8_cap_ok(ce, fp32_logits.argmax(1) == y_sel, logits.argmax(1) == y_sel),
                        agreement_with_fp32=float((logits.argmax(1) == fp32_logits.argmax(1)).mean()),
                        kl_vs_fp32=round(kl_to_reference(fp32_logits, logits), 6))
         attempts.append(attempt)
@@ -978,15 +989,15 @@ def measure_cuda(export_dir: Path, pool: Candidates) -> dict:
                   "max_abs_diff_vs_cpu": float(np.abs(cuda.astype(np.float64) - cpu).max()),
                   "top1_agreement_vs_cpu": float((cuda.argmax(1) == cpu.argmax(1)).mean()),
                   "selection_accuracy": float(correct.mean()), "correct": correct}
+    corrects = {v: out[v].pop("correct") for v in paths}
     for v in paths:
-        r, correct = out[v], out[v].pop("correct")
+        r, correct = out[v], corrects[v]
         vs_teacher, vs_probe = pool.end_to_end(correct)
         r["gates"] = {"on CUDA": r["on_cuda"], "agreement with its CPU run": r["top1_agreement_vs_cpu"]
                       >= ce.min_top1_agreement,
                       "run.max_accuracy_drop vs the teacher": vs_teacher["ok"], "the student's probe": vs_probe["ok"]}
         if v == "int8":
-            r["gates"]["export.max_int8_drop vs fp32"] = (out["fp32"]["selection_accuracy"] - r["selection_accuracy"]
-                                                          <= ce.max_int8_drop + 1e-12)
+            r["gates"]["export.max_int8_drop vs fp32"] = int8_cap_ok(ce, corrects["fp32"], correct)
         r["gates"] = {gate: bool(ok) for gate, ok in r["gates"].items()}
         r["ok"] = all(r["gates"].values())
     return out

@@ -278,6 +278,28 @@ def test_int8_choice_ships_the_recipe_closest_to_fp32(tmp_path, monkeypatch):
     assert 0 < export.kl_to_reference(fp32, fp32 * 0.9) < export.kl_to_reference(fp32, fp32 * 0.5)
 
 
+def test_int8_cap_is_decided_on_paired_answers_with_one_image_of_slack():
+    """export.max_int8_drop follows the end-to-end budget's paired rule: 2 of 180 images lost (0.0111 > 0.01) is one
+    image over the cap and indistinguishable from fp32, so it passes; 3 lost (0.0167) does not; 4 lost and 2 gained
+    (net 2) passes like 2 lost. A negative cap still refuses everything."""
+    from types import SimpleNamespace
+
+    ce = SimpleNamespace(max_int8_drop=0.01)
+    fp32 = np.ones(180, dtype=bool)
+    fp32[:13] = False                      # 167/180, like the flowers student's 0.9278
+
+    def losing(n, gaining=0):
+        int8 = fp32.copy()
+        int8[13:13 + n] = False            # images fp32 got right
+        int8[:gaining] = True              # images fp32 got wrong
+        return int8
+    assert export.int8_cap_ok(ce, fp32, losing(1))
+    assert export.int8_cap_ok(ce, fp32, losing(2))
+    assert not export.int8_cap_ok(ce, fp32, losing(3))
+    assert export.int8_cap_ok(ce, fp32, losing(4, gaining=2))
+    assert not export.int8_cap_ok(SimpleNamespace(max_int8_drop=-1.0), fp32, fp32)
+
+
 def test_int8_does_not_ship_a_model_whose_fp32_source_misses_the_budget(tmp_path):
     """The budget decision alone, on 100 scripted selection images: the teacher gets 100 right, the fp32 source 95
     (out of budget), its int8 file 99 (within it, by luck). int8 is refused; with a source within budget it ships."""
