@@ -456,8 +456,7 @@ class Compression:
         self.load_models()
         self.amp = engine.amp_dtype(cc.amp, device)
         self.channels_last = engine.use_channels_last(cc.channels_last, device)
-        if self.channels_last:  # the frozen teacher's forward is a third of each distillation step
-            self.teacher.to(memory_format=torch.channels_last)
+        self.layout(self.teacher)  # the frozen teacher's forward is a third of each distillation step
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.steps = steps_per_epoch(len(data.train), cfg.data.batch_size, stage.dist.world_size, cc.max_steps_per_epoch)
         self.make_task()
@@ -580,8 +579,8 @@ class Compression:
             data=self.data.fingerprint, world_size=self.stage.dist.world_size)
 
     def layout(self, model: nn.Module) -> nn.Module:
-        """`model` in the run's memory format. A resumed or freshly pruned student must compute exactly like the
-        uninterrupted one, and NHWC and NCHW kernels differ in the last bits, so every (re)built model gets it
+        """`model` in the run's memory format (the teacher too). A resumed, reloaded or freshly pruned student must
+        compute exactly like the uninterrupted one, and NHWC and NCHW kernels differ in the last bits, so every (re)built model gets it
         before it runs (pruning's index_select gives the pruned tensors the default format)."""
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -719,8 +718,8 @@ class Compression:
         if back is not None and back["step"] == k:  # the milder step starts from the step before the failed one
             name = "student.pt" if back["from_step"] == 0 else f"pruned_step{back['from_step']}.pt"
             self.model, meta = self.stage.load_artifact(name)
+            self.layout(self.model)
             st["history"] = list(meta.get("pruning_history") or [])
-        self.layout(self.model)
         target = st["base"][by] * self.step_ratio(k)
         grads = taylor_grads(self.model, self.task, self.train_loader, cc, device) if cc.importance == "taylor" else None
         t0 = time.perf_counter()

@@ -470,8 +470,8 @@ def amp_dtype(amp, device: torch.device):
 
 def use_channels_last(setting, device: torch.device) -> bool:
     """auto = on for CUDA (tensor cores) and the CPU: oneDNN's NHWC kernels, depthwise convolutions above all,
-    trained EfficientNet-Lite0 1.7x faster per step and ran Lite2's forward 1.4x faster on a 2-core Zen 4
-    (224 px, batch 32; docs/speed.md). The arithmetic is reordered, not changed: fp32 either way."""
+    trained EfficientNet-Lite0 1.6x faster per step and ran Lite2's forward 1.45x faster on a 2-core Zen 4
+    (224 px, batch 32; benchmarks/channels_last.py, docs/speed.md). The arithmetic is reordered, not changed: fp32 either way."""
     return setting in ("on", True) or (setting == "auto" and device.type in ("cuda", "cpu"))
 
 
