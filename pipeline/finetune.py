@@ -235,6 +235,8 @@ def run(cfg, force: bool = False) -> dict:
     model, pretrained = build_model(cfg.teacher.name, num_classes, cfg.teacher.weights)
     pre = resolve_preprocessing(pretrained, cfg.data)
     model.to(stage.device)
+    if engine.use_channels_last(cfg.finetune.channels_last, stage.device):  # before the probe's feature pass too
+        model.to(memory_format=torch.channels_last)
     state = {"epoch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": -1, "history": [], "train_seconds": 0.0,
              "probe": None}
     if ckpt is not None:
@@ -296,9 +298,7 @@ def train(stage: Stage, model, pre: dict, data, phases: list[dict], state: dict,
     """The epochs of every phase, resuming from `ckpt`; the EMA weights are evaluated for the best epoch."""
     cfg, device = stage.cfg, stage.device
     amp = engine.amp_dtype(cfg.finetune.amp, device)
-    channels_last = engine.use_channels_last(cfg.finetune.channels_last, device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    channels_last = engine.use_channels_last(cfg.finetune.channels_last, device)  # run() laid the model out
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     steps = steps_per_epoch(len(data.train), cfg.data.batch_size, stage.dist.world_size,
                             cfg.finetune.max_steps_per_epoch)
