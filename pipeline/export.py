@@ -646,6 +646,7 @@ def report_lines(run_dir: Path, report: dict) -> list[str]:
         f"{a['candidate']} {a['precision']} " + (f"{a['selection_accuracy']:.4f}" if "selection_accuracy" in a else
                                                   a.get("reason", "")) + _source_note(a) + (" ✓" if a.get("ok") else " ✗")
         for a in report["candidates"]))
+    lines += teacher_vs_probes_lines(report.get("teacher_vs_probes") or {})
     lines.append(f"- parity ONNX fp32 vs PyTorch ({report['exporter']} exporter, opset {report['opset']}): max |logit diff| "
                  f"{report['parity']['max_abs_diff']:.2e}, top-1 agreement {report['parity']['top1_agreement']:.4f}")
     if report.get("int8_speedup"):
@@ -870,6 +871,15 @@ def measure_and_report(stage: Stage, data, cand: dict, fp: dict, int8_attempt, p
     lat = onnx_rows(stage, teacher_onnx, tpre, pre, int8_attempt is not None, cand, x_test, y_test, rows, correct)
     probe_rows(cfg, fmetrics, cdir, x_test, y_test, rows, correct)
     add_intervals(rows, correct, correct["teacher"], cfg.run.max_accuracy_drop)
+    vs_probes = teacher_vs_probes(rows, correct)
+    for name, v in vs_probes.items():
+        if v["status"] == "below":
+            warnings_.append(f"the teacher is below {name} on the report split ({v['teacher_minus_probe']:+.4f}, 95% "
+                             f"interval {v['ci95'][0]:+.4f}..{v['ci95'][1]:+.4f}): a logistic regression on frozen "
+                             "features beats it, and the student distils from it. Options: a teacher whose pretrained "
+                             "features suit these images better (probe_teacher vs probe_student tells which backbone's "
+                             "do), more finetune.epochs, or finetune.strategy=full")
+            log("WARNING: " + warnings_[-1])
     shipped_name = "onnx_int8" if int8_attempt is not None else "onnx_fp32"
     shipped = {"candidate": cand["name"], "file": cand["file"], "precision": "int8" if int8_attempt else "fp32",
                "row": shipped_name, "recipe": int8_attempt["recipe"] if int8_attempt else None}
@@ -911,7 +921,7 @@ def measure_and_report(stage: Stage, data, cand: dict, fp: dict, int8_attempt, p
     return {
         "models": rows, "classes": classes, "splits": data.describe(), "test_images": int(len(y_test)),
         "test_is_val": False, "shipped": shipped, "verdict": verdict, "candidates": _plain_attempts(pool.attempts),
-        "teacher_onnx": lat["teacher_onnx"],
+        "teacher_onnx": lat["teacher_onnx"], "teacher_vs_probes": vs_probes,
         "speedup_vs_teacher_onnx": {k: round(lat["teacher_onnx"][f"latency_ms_{k}"] / rows[shipped_name][f"latency_ms_{k}"], 3)
                                     for k in ("b1", "b32")},
         "size_ratio_vs_teacher": round(big(rows[shipped_name]) / big(rows["teacher"]), 4),
@@ -1039,13 +1049,15 @@ def probe_rows(cfg, fmetrics: dict, cdir: Path, x_test, y_test, rows: dict, corr
 
     tprobe = fmetrics.get("probe")
     if tprobe:
-        n, k = len(y_test), int(round(tprobe["test_accuracy"] * len(y_test)))
         rows["probe_teacher"] = {"accuracy": tprobe["test_accuracy"], "params": rows["teacher"]["params"],
                                  "macs": rows["teacher"]["macs"], "size_bytes": None, "C": tprobe["C"],
                                  "selection_accuracy": tprobe["selection_accuracy"]}
-        correct_t = np.zeros(n, dtype=bool)
-        correct_t[:k] = True  # per-image results were not kept: the interval needs only the count
-        rows["probe_teacher"]["accuracy_ci95"] = budget.accuracy_ci(correct_t)
+        correct_t = teacher_probe_correct(tprobe, y_test)
+        if correct_t is not None:  # paired with the teacher like every other row (add_intervals)
+            correct["probe_teacher"] = correct_t
+        else:  # a finetune run from before the answers were kept: the interval needs only the count
+            n, k = len(y_test), int(round(tprobe["test_accuracy"] * len(y_test)))
+            rows["probe_teacher"]["accuracy_ci95"] = budget.accuracy_ci(np.arange(n) < k)
     if (cdir / "probe_student.pt").exists():
         model, _ = load_model_artifact(cdir / "probe_student.pt")
         with torch.no_grad():
@@ -1053,6 +1065,40 @@ def probe_rows(cfg, fmetrics: dict, cdir: Path, x_test, y_test, rows: dict, corr
         correct["probe_student"] = logits.argmax(1) == y_test
         rows["probe_student"] = {"accuracy": float(correct["probe_student"].mean()), "params": rows["student"]["params"],
                                  "macs": rows["student"]["macs"], "size_bytes": None}
+
+
+def teacher_probe_correct(tprobe: dict, y_test: np.ndarray) -> np.ndarray | None:
+    """The teacher probe's per-image correctness on the report split, from the answers finetune kept; None when they
+    are missing or do not fit these images (then only its accuracy is known)."""
+    preds = tprobe.get("test_predictions")
+    if preds is None or len(preds) != len(y_test):
+        return None
+    correct = np.asarray(preds) == y_test
+    return correct if abs(correct.mean() - tprobe["test_accuracy"]) < 1e-9 else None
+
+
+def teacher_vs_probes(rows: dict, correct: dict) -> dict:
+    """Is the fine-tuned teacher at least as good as a logistic regression on frozen pretrained features (issue #11)?
+    Paired on the report split, for information: no decision uses it. A teacher clearly below a probe (the paired
+    95% interval of probe - teacher above 0) was not worth fine-tuning, and distilling from it caps the student."""
+    out = {}
+    for name in ("probe_teacher", "probe_student"):
+        if name not in correct:
+            continue
+        d = budget.paired_drop(correct[name], correct["teacher"], 0.0)  # probe - teacher: > 0 = teacher below
+        n = d["images"]
+        below = round(d["drop"] * n)
+        status = ("at or above" if below <= 0 else "below, not distinguishable" if d["ci95"][0] <= 0 else "below")
+        out[name] = {"teacher_minus_probe": -d["drop"], "ci95": [-d["ci95"][1], -d["ci95"][0]], "images": n,
+                     "teacher_images_below": max(0, below), "status": status}
+    return out
+
+
+def teacher_vs_probes_lines(tvp: dict) -> list[str]:
+    return [f"- teacher vs {name} (report split, paired): {v['status']}"
+            + (f" by {v['teacher_images_below']} image(s)" if v["teacher_images_below"] else "")
+            + f", teacher - probe {v['teacher_minus_probe']:+.4f} (95% interval {v['ci95'][0]:+.4f}..{v['ci95'][1]:+.4f})"
+            for name, v in tvp.items()]
 
 
 def make_verdict(cfg, shipped: dict, rows: dict, shipped_ok: bool, pool: Candidates, warnings_: list) -> dict:

@@ -152,7 +152,7 @@ def fit_sharded(model: nn.Module, splits: dict, make_loader, device, num_classes
     splits: {"train", "val", "test"} -> (path, label) samples. Every rank extracts the features of its shard of
     each split and gets all of them (pooled_features_sharded); rank 0 alone fits the logistic regression (sklearn,
     seconds to minutes) and scores it on "test"; every rank gets rank 0's result. The head is not changed (set_head).
-    -> {"weight", "bias", "C", "selection_accuracy", "test_accuracy", "seconds"}
+    -> {"weight", "bias", "C", "selection_accuracy", "test_accuracy", "test_predictions", "seconds"}
     """
     from pipeline import engine
 
@@ -163,6 +163,8 @@ def fit_sharded(model: nn.Module, splits: dict, make_loader, device, num_classes
         info = fit_probe(*feats["train"], *feats["val"], num_classes, seed)
         test_logits = probe_logits(info, feats["test"][0])
         info["test_accuracy"] = float((test_logits.argmax(1) == feats["test"][1]).mean())
+        # per image, in the report split's order: export pairs them with the teacher's answers (teacher vs probes)
+        info["test_predictions"] = test_logits.argmax(1).astype(int).tolist()
         info["seconds"] = round(time.perf_counter() - t0, 2)
     return engine.broadcast_object(info)
 

@@ -77,3 +77,32 @@ def test_pooled_features_are_what_the_head_sees():
     np.testing.assert_allclose(feats, expected, atol=1e-6)
     assert labels.tolist() == [0, 1, 0, 1, 1, 0]
     assert probe.similarity(0.5, 2) == 0.0 and probe.similarity(1.0, 5) == 1.0
+
+
+def test_teacher_vs_probes_is_paired_and_says_when_the_teacher_is_clearly_below():
+    from pipeline import export
+
+    # rows: teacher, then a probe. 200 images.
+    t, p = _pair(200, 180, 180, 175)                 # 5 each way: level -> at or above
+    t2, p2 = _pair(200, 180, 182, 178)              # the probe 2 images ahead, interval containing 0
+    t3, p3 = _pair(200, 150, 180, 150)              # the probe 30 images ahead on the same images
+    for teacher, probe_, status, below in ((t, p, "at or above", 0), (t2, p2, "below, not distinguishable", 2),
+                                          (t3, p3, "below", 30)):
+        v = export.teacher_vs_probes({}, {"teacher": teacher, "probe_student": probe_})["probe_student"]
+        assert (v["status"], v["teacher_images_below"], v["images"]) == (status, below, 200)
+        assert v["teacher_minus_probe"] == pytest.approx((teacher.sum() - probe_.sum()) / 200, abs=1e-6)
+        assert v["ci95"][0] <= v["teacher_minus_probe"] <= v["ci95"][1]
+    assert export.teacher_vs_probes({}, {"teacher": t}) == {}   # no probe, no comparison
+    assert "below by 30 image(s)" in export.teacher_vs_probes_lines(
+        export.teacher_vs_probes({}, {"teacher": t3, "probe_teacher": p3}))[0]
+
+
+def test_the_teacher_probe_answers_pair_only_with_the_images_they_were_taken_on():
+    from pipeline import export
+
+    y = np.array([0, 1, 2, 1])
+    kept = {"test_predictions": [0, 1, 0, 1], "test_accuracy": 0.75}
+    assert export.teacher_probe_correct(kept, y).tolist() == [True, True, False, True]
+    assert export.teacher_probe_correct({"test_accuracy": 0.75}, y) is None           # an older finetune run
+    assert export.teacher_probe_correct(kept, y[:3]) is None                          # another split
+    assert export.teacher_probe_correct({**kept, "test_accuracy": 0.5}, y) is None    # another order

@@ -339,9 +339,19 @@ def test_no_candidate_within_the_budget_is_said_loudly(exported, tmp_path, capsy
     cfg = tiny_config(tmp_path / "run", cfg0.data.root, "run.max_accuracy_drop=-1.0", "export.latency_rounds=1",
                       "export.max_int8_drop=1.0", "export.exporter=legacy", "export.opset=17", "export.mobile=false")
     copy_upstream(cfg0, cfg)
+    # and a teacher probe that is right on every report image, as finetune keeps its answers
+    labels = [y for _, y in prepare_data(cfg, write=False).test]
+    artifacts.write_json(cfg.run_dir / "finetune/metrics.json", {"probe": {
+        "C": 1.0, "selection_accuracy": 1.0, "test_accuracy": 1.0, "test_predictions": labels}})
     result = export.run(cfg)
     report = json.loads((cfg.run_dir / "report.json").read_text())
     assert result["verdict"]["ok"] is False and "NO STUDENT MEETS THE BUDGET" in report["verdict"]["message"]
+    # the probe row is paired with the teacher like the others, and a teacher clearly below it is a warning
+    row, teacher = report["models"]["probe_teacher"], report["models"]["teacher"]
+    assert row["drop_vs_teacher"] == pytest.approx(teacher["accuracy"] - 1.0, abs=1e-6)
+    v = report["teacher_vs_probes"]["probe_teacher"]
+    assert v["images"] == len(labels) and v["teacher_images_below"] == round((1 - teacher["accuracy"]) * len(labels))
+    assert (v["status"] == "below") == (v["ci95"][1] < 0) == any("below probe_teacher" in w for w in report["warnings"])
     assert "student.name" in report["verdict"]["message"]  # names the options
     assert len(report["candidates"]) == 4 and not any(a["ok"] for a in report["candidates"])
     best = max(report["candidates"], key=export.credible_accuracy)

@@ -185,6 +185,9 @@ def test_auto_finetune_starts_from_the_probe_and_records_the_regime(make_config)
     m = json.loads((cfg.run_dir / "finetune" / "metrics.json").read_text())
     assert m["strategy"] == out["strategy"] and m["regime"]["why"] and m["regime"]["similarity"] is not None
     assert 0 <= m["probe"]["selection_accuracy"] <= 1 and m["probe"]["C"] > 0
+    # its answers on the report split are kept, in order, for export's paired teacher-vs-probe comparison
+    preds = m["probe"]["test_predictions"]
+    assert len(preds) == m["split_roles"]["report"]["images"] and set(preds) <= set(range(len(m["classes"])))
     # the probe is the first candidate: the teacher is at least as good as the probe on the selection split
     assert m["val_accuracy"] >= m["probe"]["selection_accuracy"] - 1e-9
     assert m["split_roles"]["selection"]["images"] == m["splits"]["val"]
