@@ -567,8 +567,8 @@ class Compression:
                 self.opt.load_state_dict(self.resume_optimizer["optimizer"])
                 self.sched.load_state_dict(self.resume_optimizer["scheduler"])
                 engine.restore_scaler(self.scaler, self.resume_optimizer.get("scaler"))
-            # A checkpoint from the end of a recovery whose epoch met its goal resumes without training that phase:
-            # its optimizer (the step before's shapes) must not reach the next step's recovery.
+            # A checkpoint from the end of a recovery (its last epoch saved, not yet judged) resumes without training
+            # that phase: its optimizer (the step before's shapes) must not reach the next step's recovery.
             self.resume_optimizer = None
 
     def save_ckpt(self) -> None:
@@ -762,16 +762,16 @@ class Compression:
         distillation's backbone LR (pruned layers must re-learn, but a large LR distorts the pretrained features;
         digits, 3 steps to 0.5 MACs: selection 0.952 after step 2 at lr 0.002 vs 0.967 at 0.0005).
 
-        Up to compress.recovery_epochs, stopping after the first epoch whose selection accuracy is back at the
-        unpruned student's: photos need several epochs (flowers 224 px, Taylor step to 0.78 MACs: 0.689 -> 0.878
-        after 2 epochs, train accuracy still climbing), digits one or two. Stopping earlier, within
-        run.max_accuracy_drop of the student, left no margin for int8: digits then shipped an fp32 model (file 0.40
-        of the teacher's) where full recovery ships int8 (0.12)."""
+        Always the whole schedule, compress.recovery_epochs with the LR annealed to 0, and the step is judged once, on
+        the final weights. Photos need several epochs (flowers 224 px, Taylor step to 0.78 MACs: 0.689 -> 0.878 after
+        2 epochs, train accuracy still climbing). Stopping at the first epoch whose selection accuracy was back at the
+        student's let a lucky epoch decide, then judged the step on that same lucky figure, with weights not yet
+        annealed: flowers at native size, step 1 stopped at epoch 4 of 6 on 0.917 (180 selection images, above the
+        student's 0.906) and was 0.858 on the report split, 13 images below the student (fp32); every step that ran
+        all 6 epochs (cats and flowers, 224 px and native) ended 0-5 report images below it. The per-epoch selection
+        accuracy is only logged."""
         cc, st, n_steps = self.cc, self.st, self.target()[2]
-        goal = st["student_val"] - 1e-9
         recovery = st["curve"][-1].setdefault("recovery", [])
-        if recovery and recovery[-1]["val_accuracy"] >= goal:  # resumed after the epoch that recovered
-            return
         lr = cc.recovery_lr if cc.recovery_lr is not None else 2 * cc.lr * cc.backbone_lr_mult
         self.new_optimizer(lr, cc.recovery_epochs, 0.0)
         for rec in self.train_epochs(cc.recovery_epochs, f"recover {k}/{n_steps}"):
@@ -779,10 +779,8 @@ class Compression:
             recovery.append(rec)
             self.stage.log(f"recovery {k}/{n_steps} epoch {rec['epoch'] + 1}/{cc.recovery_epochs}: train loss "
                            f"{rec['train_loss']:.4f} acc {rec['train_accuracy']:.4f} | selection acc "
-                           f"{rec['val_accuracy']:.4f} (goal {goal:.4f})")
+                           f"{rec['val_accuracy']:.4f} (the student's {st['student_val']:.4f})")
             self.save_ckpt()
-            if rec["val_accuracy"] >= goal:
-                break
 
     def judge(self, k: int) -> None:
         """compress.max_accuracy_drop vs the student: a step that breaks it stops pruning. Every step's model is

@@ -137,8 +137,8 @@ class CompressConfig:
     target_macs_ratio: float = 0.5       # pruned MACs / unpruned MACs
     target_params_ratio: typing.Optional[float] = None  # if set, prune to this params ratio instead
     pruning_steps: int = 3
-    # KD fine-tuning epochs after each pruning step, at most: recovery stops at the first epoch back at the
-    # unpruned student's selection accuracy
+    # KD fine-tuning epochs after each pruning step, always all of them (the LR annealed to 0); the step is judged
+    # once, on the final weights (compress.Compression.recover)
     recovery_epochs: int = 6
     # After the first failed step (compress.max_accuracy_drop broken, or out of reach of the teacher): one milder step
     # from the step before, halfway (geometrically) between the sizes the two reached. Not for a latency target. Off by
