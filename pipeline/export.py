@@ -1089,8 +1089,9 @@ def teacher_vs_probes(rows: dict, correct: dict) -> dict:
         n = d["images"]
         below = round(d["drop"] * n)
         status = ("at or above" if below <= 0 else "below, not distinguishable" if d["ci95"][0] <= 0 else "below")
-        out[name] = {"teacher_minus_probe": -d["drop"], "ci95": [-d["ci95"][1], -d["ci95"][0]], "images": n,
-                     "teacher_images_below": max(0, below), "status": status}
+        # 0.0 - x, not -x: a level pair would print as -0.0000
+        out[name] = {"teacher_minus_probe": 0.0 - d["drop"], "ci95": [0.0 - d["ci95"][1], 0.0 - d["ci95"][0]],
+                     "images": n, "teacher_images_below": max(0, below), "status": status}
     return out
 
 
