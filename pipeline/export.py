@@ -871,15 +871,7 @@ def measure_and_report(stage: Stage, data, cand: dict, fp: dict, int8_attempt, p
     lat = onnx_rows(stage, teacher_onnx, tpre, pre, int8_attempt is not None, cand, x_test, y_test, rows, correct)
     probe_rows(cfg, fmetrics, cdir, x_test, y_test, rows, correct)
     add_intervals(rows, correct, correct["teacher"], cfg.run.max_accuracy_drop)
-    vs_probes = teacher_vs_probes(rows, correct)
-    for name, v in vs_probes.items():
-        if v["status"] == "below":
-            warnings_.append(f"the teacher is below {name} on the report split ({v['teacher_minus_probe']:+.4f}, 95% "
-                             f"interval {v['ci95'][0]:+.4f}..{v['ci95'][1]:+.4f}): a logistic regression on frozen "
-                             "features beats it, and the student distils from it. Options: a teacher whose pretrained "
-                             "features suit these images better (probe_teacher vs probe_student tells which backbone's "
-                             "do), more finetune.epochs, or finetune.strategy=full")
-            log("WARNING: " + warnings_[-1])
+    vs_probes = teacher_vs_probes(correct, warnings_)
     shipped_name = "onnx_int8" if int8_attempt is not None else "onnx_fp32"
     shipped = {"candidate": cand["name"], "file": cand["file"], "precision": "int8" if int8_attempt else "fp32",
                "row": shipped_name, "recipe": int8_attempt["recipe"] if int8_attempt else None}
@@ -1077,7 +1069,7 @@ def teacher_probe_correct(tprobe: dict, y_test: np.ndarray) -> np.ndarray | None
     return correct if abs(correct.mean() - tprobe["test_accuracy"]) < 1e-9 else None
 
 
-def teacher_vs_probes(rows: dict, correct: dict) -> dict:
+def teacher_vs_probes(correct: dict, warnings_: list | None = None) -> dict:
     """Is the fine-tuned teacher at least as good as a logistic regression on frozen pretrained features (issue #11)?
     Paired on the report split, for information: no decision uses it. A teacher clearly below a probe (the paired
     95% interval of probe - teacher above 0) was not worth fine-tuning, and distilling from it caps the student."""
@@ -1092,6 +1084,13 @@ def teacher_vs_probes(rows: dict, correct: dict) -> dict:
         # 0.0 - x, not -x: a level pair would print as -0.0000
         out[name] = {"teacher_minus_probe": 0.0 - d["drop"], "ci95": [0.0 - d["ci95"][1], 0.0 - d["ci95"][0]],
                      "images": n, "teacher_images_below": max(0, below), "status": status}
+        if status == "below" and warnings_ is not None:
+            warnings_.append(f"the teacher is below {name} on the report split ({out[name]['teacher_minus_probe']:+.4f}, "
+                             f"95% interval {out[name]['ci95'][0]:+.4f}..{out[name]['ci95'][1]:+.4f}): a logistic "
+                             "regression on frozen features beats it, and the student distils from it. Options: a "
+                             "teacher whose pretrained features suit these images better (probe_teacher vs "
+                             "probe_student tells which backbone's do), more finetune.epochs, or finetune.strategy=full")
+            log("WARNING: " + warnings_[-1])
     return out
 
 

@@ -88,13 +88,13 @@ def test_teacher_vs_probes_is_paired_and_says_when_the_teacher_is_clearly_below(
     t3, p3 = _pair(200, 150, 180, 150)              # the probe 30 images ahead on the same images
     for teacher, probe_, status, below in ((t, p, "at or above", 0), (t2, p2, "below, not distinguishable", 2),
                                           (t3, p3, "below", 30)):
-        v = export.teacher_vs_probes({}, {"teacher": teacher, "probe_student": probe_})["probe_student"]
+        v = export.teacher_vs_probes({"teacher": teacher, "probe_student": probe_})["probe_student"]
         assert (v["status"], v["teacher_images_below"], v["images"]) == (status, below, 200)
         assert v["teacher_minus_probe"] == pytest.approx((teacher.sum() - probe_.sum()) / 200, abs=1e-6)
         assert v["ci95"][0] <= v["teacher_minus_probe"] <= v["ci95"][1]
-    assert export.teacher_vs_probes({}, {"teacher": t}) == {}   # no probe, no comparison
+    assert export.teacher_vs_probes({"teacher": t}) == {}   # no probe, no comparison
     assert "below by 30 image(s)" in export.teacher_vs_probes_lines(
-        export.teacher_vs_probes({}, {"teacher": t3, "probe_teacher": p3}))[0]
+        export.teacher_vs_probes({"teacher": t3, "probe_teacher": p3}))[0]
 
 
 def test_the_teacher_probe_answers_pair_only_with_the_images_they_were_taken_on():
