@@ -188,9 +188,33 @@ def test_auto_finetune_starts_from_the_probe_and_records_the_regime(make_config)
     # its answers on the report split are kept, in order, for export's paired teacher-vs-probe comparison
     preds = m["probe"]["test_predictions"]
     assert len(preds) == m["split_roles"]["report"]["images"] and set(preds) <= set(range(len(m["classes"])))
-    # the probe is the first candidate: the teacher is at least as good as the probe on the selection split
-    assert m["val_accuracy"] >= m["probe"]["selection_accuracy"] - 1e-9
+    # the probe is the first candidate, and the teacher is the candidate with the lowest selection loss
+    losses = [m["probe"]["selection_loss"]] + [h["val_loss"] for h in m["history"]]
+    assert m["best_epoch"] == losses.index(min(losses)) - 1
+    assert m["val"]["loss"] == pytest.approx(min(losses), abs=1e-4)
     assert m["split_roles"]["selection"]["images"] == m["splits"]["val"]
+
+
+@pytest.mark.parametrize("select_by, kept", [("loss", 0), ("accuracy", 1)])
+def test_the_best_candidate_is_chosen_by_finetune_select_by(make_config, tmp_path, monkeypatch, select_by, kept):
+    """Scripted selection figures (loss, accuracy) for the probe (-1) and epochs 0-2: the loss rule keeps the
+    smoothest candidate, the accuracy rule the luckiest one; best.pt holds the kept candidate's figures."""
+    from types import SimpleNamespace
+
+    from pipeline import artifacts
+
+    figures = iter([(0.50, 0.80), (0.40, 0.70), (0.45, 0.90), (0.60, 0.90)])
+    monkeypatch.setattr(engine, "evaluate_sharded", lambda *a, **k: dict(zip(("loss", "accuracy"), next(figures))))
+    cfg = make_config(f"finetune.select_by={select_by}")
+    stage = SimpleNamespace(cfg=cfg, is_main=True, dir=tmp_path, device=torch.device("cpu"))
+    data = SimpleNamespace(val=None, classes=["a", "b"])
+    state = {"best_accuracy": -1.0, "best_loss": float("inf"), "best_epoch": -1}
+    model = torch.nn.Linear(2, 2)
+    for epoch in (-1, 0, 1, 2):
+        finetune.consider_best(stage, model, {}, data, state, epoch, "epoch", make_eval=object())
+    assert state["best_epoch"] == kept
+    extra = artifacts.torch_load(tmp_path / "best.pt")["extra"]
+    assert (extra["epoch"], extra["val_loss"], extra["val_accuracy"]) == (kept, *[(0.40, 0.70), (0.45, 0.90)][kept])
 
 
 def test_mixup_cutmix_train_on_soft_labels_and_count_accuracy_against_the_first_label():
