@@ -19,9 +19,9 @@ Strategies (finetune.strategy):
 Every strategy starts from the frozen-feature probe (finetune.probe_init): a logistic regression on the
 pretrained teacher's pooled features, fitted in seconds, becomes the new head (linear probe, then
 fine-tune), and is itself the first candidate for the best checkpoint: the candidate with the lowest
-selection loss (finetune.select_by). The weights' EMA is what is evaluated each epoch
-(finetune.ema_decay). Decisions use the selection split (`val`); the figures reported are on the report
-split (`test`), which no decision touched.
+selection loss at its best temperature (finetune.select_by). The weights' EMA is what is evaluated each
+epoch (finetune.ema_decay). Decisions use the selection split (`val`); the figures reported are on the
+report split (`test`), which no decision touched.
 """
 from __future__ import annotations
 
@@ -239,7 +239,7 @@ def run(cfg, force: bool = False) -> dict:
     model.to(stage.device)
     if engine.use_channels_last(cfg.finetune.channels_last, stage.device):  # before the probe's feature pass too
         model.to(memory_format=torch.channels_last)
-    state = {"epoch": 0, "step": 0, "best_accuracy": -1.0, "best_loss": math.inf, "best_epoch": -1, "history": [],
+    state = {"epoch": 0, "step": 0, "best_accuracy": -1.0, "best_score": math.inf, "best_epoch": -1, "history": [],
              "train_seconds": 0.0, "probe": None}
     if ckpt is not None:
         state.update({k: ckpt["state"].get(k, v) for k, v in state.items()})
@@ -247,7 +247,7 @@ def run(cfg, force: bool = False) -> dict:
         if stage.is_main and best_path.exists():  # best.pt may be newer than the checkpoint (killed in between)
             extra = artifacts.torch_load(best_path)["extra"]
             state["best_accuracy"], state["best_epoch"] = extra["val_accuracy"], extra["epoch"]
-            state["best_loss"] = extra.get("val_loss", math.inf)
+            state["best_score"] = extra.get("selection_score", math.inf)
         state = engine.broadcast_object(state)
     elif cfg.finetune.probe_init or cfg.finetune.strategy == "auto":  # auto needs it for the similarity
         state["probe"] = fit_teacher_probe(stage, model, pre, data, num_classes, cfg.finetune.probe_init)
@@ -258,7 +258,8 @@ def run(cfg, force: bool = False) -> dict:
               f"{strategy}: {regime['why']}; " + ", ".join(f"{p['name']} x{p['epochs']}" for p in phases)
               + f"; input {pre['input_size']}, {pre['interpolation']}, mean {pre['mean']}")
     if ckpt is None and state["probe"] and cfg.finetune.probe_init:  # every rank: the evaluation is sharded
-        state["probe"]["selection_loss"] = consider_best(stage, model, pre, data, state, epoch=-1, label="probe")["loss"]
+        val = consider_best(stage, model, pre, data, state, epoch=-1, label="probe")
+        state["probe"].update(selection_loss=val["loss"], selection_calibrated_loss=val["calibrated_loss"])
     state = train(stage, model, pre, data, phases, state, ckpt, chash)
     result = finish(stage, pre, data, strategy, regime, phases, state, chash, inputs)  # every rank: sharded figures
     engine.barrier()
@@ -268,19 +269,23 @@ def run(cfg, force: bool = False) -> dict:
 def consider_best(stage: Stage, model: nn.Module, pre: dict, data, state: dict, epoch: int, label: str,
                   make_eval=None) -> dict:
     """Evaluate on the selection split, split over the DDP ranks (every rank calls this and gets the same metrics:
-    engine.evaluate_sharded); rank 0 keeps best.pt when it beats the best so far, by finetune.select_by: the lower
-    selection loss, or the higher accuracy. make_eval: eval_loaders(...)."""
+    engine.evaluate_sharded); rank 0 keeps best.pt when it beats the best so far by finetune.select_by (selection_score).
+    make_eval: eval_loaders(...)."""
     make_eval = make_eval or eval_loaders(pre, stage.cfg, stage.device)
     val = engine.evaluate_sharded(model, data.val, make_eval, stage.device, len(data.classes), data.classes)
-    better = (val["loss"] < state["best_loss"] if stage.cfg.finetune.select_by == "loss"
-              else val["accuracy"] > state["best_accuracy"])
-    if better:
-        state["best_accuracy"], state["best_loss"], state["best_epoch"] = val["accuracy"], val["loss"], epoch
+    score = selection_score(val, stage.cfg.finetune.select_by)
+    if score < state["best_score"]:  # ties keep the earlier candidate
+        state["best_accuracy"], state["best_score"], state["best_epoch"] = val["accuracy"], score, epoch
         if stage.is_main:
             save_model_artifact(stage.dir / "best.pt", model, name=stage.cfg.teacher.name, classes=data.classes,
                                 preprocessing=pre, extra={"epoch": epoch, "selected": label,
-                                                          "val_accuracy": val["accuracy"], "val_loss": val["loss"]})
+                                                          "val_accuracy": val["accuracy"], "selection_score": score})
     return val
+
+
+def selection_score(val: dict, select_by: str) -> float:
+    """The figure finetune.select_by ranks candidates by, lower is better: calibrated_loss, loss or -accuracy."""
+    return -val["accuracy"] if select_by == "accuracy" else val[select_by]
 
 
 def enter_phase(stage: Stage, model, phase: dict, steps: int, ckpt: dict | None):
@@ -313,8 +318,8 @@ def train(stage: Stage, model, pre: dict, data, phases: list[dict], state: dict,
         engine.unwrap(model).load_state_dict(ckpt["model"])
         if ema is not None and ckpt.get("ema") is not None:
             ema.load_state_dict(ckpt["ema"])
-        stage.log(f"resuming at epoch {state['epoch'] + 1}, step {state['step']} (best so far: selection loss "
-                  f"{state['best_loss']:.4f}, accuracy {state['best_accuracy']:.4f})")
+        stage.log(f"resuming at epoch {state['epoch'] + 1}, step {state['step']} (best so far: selection "
+                  f"{cfg.finetune.select_by} {abs(state['best_score']):.4f}, accuracy {state['best_accuracy']:.4f})")
     total = sum(p["epochs"] for p in phases)
     phase_idx, optimizer, scheduler, ddp_model = None, None, None, model
     make_eval = eval_loaders(pre, cfg, device)  # the selection split's loader(s), kept across epochs
@@ -391,11 +396,13 @@ def record_epoch(stage: Stage, model, pre, data, state, epoch, total, phase_name
     record = {"epoch": epoch, "phase": phase_name, "lr": optimizer.param_groups[0]["lr"],
               "train_loss": train_result["loss"], "train_accuracy": train_result["accuracy"],
               "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+              "val_calibrated_loss": val["calibrated_loss"], "val_temperature": val["temperature"],
               "images_per_s": train_result["images_per_s"] * stage.dist.world_size,
               "resumed_mid_epoch": state["step"] > 0}
     state["history"].append(record)
     stage.log(f"epoch {epoch + 1}/{total} {phase_name}: train loss {record['train_loss']:.4f} acc "
-              f"{record['train_accuracy']:.4f} | selection loss {val['loss']:.4f} acc {val['accuracy']:.4f} | "
+              f"{record['train_accuracy']:.4f} | selection loss {val['loss']:.4f} (calibrated {val['calibrated_loss']:.4f}) "
+              f"acc {val['accuracy']:.4f} | "
               f"{record['images_per_s']:.0f} img/s")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from models import load_model_artifact
 from pipeline import artifacts, engine, finetune
@@ -188,33 +189,51 @@ def test_auto_finetune_starts_from_the_probe_and_records_the_regime(make_config)
     # its answers on the report split are kept, in order, for export's paired teacher-vs-probe comparison
     preds = m["probe"]["test_predictions"]
     assert len(preds) == m["split_roles"]["report"]["images"] and set(preds) <= set(range(len(m["classes"])))
-    # the probe is the first candidate, and the teacher is the candidate with the lowest selection loss
-    losses = [m["probe"]["selection_loss"]] + [h["val_loss"] for h in m["history"]]
+    # the probe is the first candidate, and the teacher is the candidate with the lowest calibrated selection loss
+    losses = [m["probe"]["selection_calibrated_loss"]] + [h["val_calibrated_loss"] for h in m["history"]]
     assert m["best_epoch"] == losses.index(min(losses)) - 1
-    assert m["val"]["loss"] == pytest.approx(min(losses), abs=1e-4)
+    assert m["val"]["calibrated_loss"] == pytest.approx(min(losses), abs=1e-4)
     assert m["split_roles"]["selection"]["images"] == m["splits"]["val"]
 
 
-@pytest.mark.parametrize("select_by, kept", [("loss", 0), ("accuracy", 1)])
+def test_calibrated_loss_ignores_how_sharp_the_logits_are_but_not_how_well_they_separate():
+    """Label smoothing trains softer logits: plain CE scores that down, the loss at the best temperature does not.
+    10**-0.25 is 10 steps of the temperature grid, so the softened model's best temperature is on the grid too."""
+    torch.manual_seed(0)
+    labels = torch.arange(60) % 3
+    logits = torch.randn(60, 3) + 1.5 * nn.functional.one_hot(labels, 3)  # some wrong: an interior temperature
+    soft = logits * 10 ** -0.25
+    (sharp_loss, sharp_t), (soft_loss, soft_t) = (engine.calibrated_loss(x, labels) for x in (logits, soft))
+    assert soft_loss == pytest.approx(sharp_loss, abs=1e-6) and soft_t == pytest.approx(sharp_t * 10 ** -0.25)
+    assert nn.functional.cross_entropy(soft, labels) != pytest.approx(nn.functional.cross_entropy(logits, labels))
+    worse = logits.clone()
+    worse[:10] = worse[:10].roll(1, dims=1)  # 10 images now ranked wrong
+    assert engine.calibrated_loss(worse, labels)[0] > sharp_loss
+    assert engine.classification_metrics(logits, labels, 3)["calibrated_loss"] == pytest.approx(sharp_loss)
+
+
+@pytest.mark.parametrize("select_by, kept", [("calibrated_loss", 2), ("loss", 0), ("accuracy", 1)])
 def test_the_best_candidate_is_chosen_by_finetune_select_by(make_config, tmp_path, monkeypatch, select_by, kept):
-    """Scripted selection figures (loss, accuracy) for the probe (-1) and epochs 0-2: the loss rule keeps the
-    smoothest candidate, the accuracy rule the luckiest one; best.pt holds the kept candidate's figures."""
+    """Scripted selection figures (loss, accuracy, calibrated loss) for the probe (-1) and epochs 0-2: each rule
+    keeps its lowest score (-accuracy for accuracy), the earlier candidate on a tie; best.pt holds the kept one."""
     from types import SimpleNamespace
 
-    from pipeline import artifacts
-
-    figures = iter([(0.50, 0.80), (0.40, 0.70), (0.45, 0.90), (0.60, 0.90)])
-    monkeypatch.setattr(engine, "evaluate_sharded", lambda *a, **k: dict(zip(("loss", "accuracy"), next(figures))))
+    figures = [(0.50, 0.80, 0.30), (0.40, 0.70, 0.35), (0.45, 0.90, 0.30), (0.60, 0.90, 0.25)]
+    scripted = iter(figures)
+    monkeypatch.setattr(engine, "evaluate_sharded",
+                        lambda *a, **k: dict(zip(("loss", "accuracy", "calibrated_loss"), next(scripted))))
     cfg = make_config(f"finetune.select_by={select_by}")
     stage = SimpleNamespace(cfg=cfg, is_main=True, dir=tmp_path, device=torch.device("cpu"))
     data = SimpleNamespace(val=None, classes=["a", "b"])
-    state = {"best_accuracy": -1.0, "best_loss": float("inf"), "best_epoch": -1}
+    state = {"best_accuracy": -1.0, "best_score": float("inf"), "best_epoch": -1}
     model = torch.nn.Linear(2, 2)
     for epoch in (-1, 0, 1, 2):
         finetune.consider_best(stage, model, {}, data, state, epoch, "epoch", make_eval=object())
     assert state["best_epoch"] == kept
     extra = artifacts.torch_load(tmp_path / "best.pt")["extra"]
-    assert (extra["epoch"], extra["val_loss"], extra["val_accuracy"]) == (kept, *[(0.40, 0.70), (0.45, 0.90)][kept])
+    loss, accuracy, calibrated = figures[kept + 1]
+    score = {"calibrated_loss": calibrated, "loss": loss, "accuracy": -accuracy}[select_by]
+    assert (extra["epoch"], extra["val_accuracy"], extra["selection_score"]) == (kept, accuracy, score)
 
 
 def test_mixup_cutmix_train_on_soft_labels_and_count_accuracy_against_the_first_label():
