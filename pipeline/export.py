@@ -876,7 +876,8 @@ def measure_and_report(stage: Stage, data, cand: dict, fp: dict, int8_attempt, p
     shipped = {"candidate": cand["name"], "file": cand["file"], "precision": "int8" if int8_attempt else "fp32",
                "row": shipped_name, "recipe": int8_attempt["recipe"] if int8_attempt else None}
     verdict = make_verdict(cfg, shipped, rows, shipped_ok, pool, warnings_)
-    int8_tries = [a for a in pool.attempts if a["precision"] == "int8"]
+    # a candidate whose export failed (Candidates.failed) has no recipes
+    int8_tries = [a for a in pool.attempts if a["precision"] == "int8" and "recipes" in a]
     recipes = next((a["recipes"] for a in int8_tries if a["file"] == cand["file"]),
                    int8_tries[0]["recipes"] if int8_tries else [])
     if ce.quantization in ("static", "dynamic") and int8_attempt is None:

@@ -251,6 +251,33 @@ def test_int8_fallbacks_are_tried_and_fp32_shipped_when_none_fits(exported, tmp_
     assert read_card_from_session(runtime.make_session(stage / "model.fp32.ort", "cpu"))["labels"] == card["labels"]
 
 
+def test_a_candidate_whose_export_fails_is_skipped_and_the_next_one_reported(exported, tmp_path, monkeypatch):
+    """The most pruned candidate's export fails (e.g. parity): the student ships in int8 and the report lists the
+    failure and the student's int8 recipes (a failed attempt has none; it used to crash the report)."""
+    cfg0, _ = exported
+    from conftest import tiny_config
+
+    real_export_fp32 = export.Candidates.export_fp32
+
+    def failing_for_the_pruned_step(self, cand):
+        if cand["file"] == "pruned_step1.pt":
+            raise export.ExportError("ONNX fp32 vs PyTorch parity failed (scripted)")
+        return real_export_fp32(self, cand)
+
+    monkeypatch.setattr(export.Candidates, "export_fp32", failing_for_the_pruned_step)
+    cfg = tiny_config(tmp_path / "run", cfg0.data.root, "export.max_int8_drop=1.0", "export.latency_rounds=1",
+                      "run.max_accuracy_drop=1.0", "export.exporter=legacy", "export.opset=17")
+    copy_upstream(cfg0, cfg)
+    result = export.run(cfg)
+    report = json.loads((cfg.run_dir / "report.json").read_text())
+    assert (report["shipped"]["candidate"], report["shipped"]["precision"]) == ("student", "int8")
+    assert result["int8"] == report["shipped"]["recipe"]
+    first = report["candidates"][0]
+    assert (first["candidate"], first["precision"], first["ok"]) == ("pruning step 1", "int8", False)
+    assert "parity failed (scripted)" in first["reason"]
+    assert [a["name"] for a in report["int8"]["attempts"] if a.get("chosen")] == [report["shipped"]["recipe"]]
+
+
 def test_int8_choice_ships_the_recipe_closest_to_fp32(tmp_path, monkeypatch):
     """Selection logic alone: three recipes with scripted logits; 'closest' ships the one within the cap whose
     answers are closest to fp32's, 'first' the first within the cap; the sensitive-nodes recipe is not needed."""
