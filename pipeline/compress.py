@@ -41,7 +41,7 @@ from pipeline import artifacts, engine, latency, probe
 from pipeline.config import ConfigError
 from pipeline.data import (eval_loaders, is_augmented, make_loader, prepare_data_all_ranks, resolve_preprocessing,
                            steps_per_epoch, summary)
-from pipeline.finetune import train_mode_keeping_frozen_bn
+from pipeline.finetune import selection_score, train_mode_keeping_frozen_bn
 from pipeline.stage import Stage
 
 STAGE = "compress"
@@ -358,10 +358,15 @@ def same_preprocessing(a: dict, b: dict) -> bool:
     return all(list(a[k]) == list(b[k]) if isinstance(a[k], (list, tuple)) else a[k] == b[k] for k in PRE_KEYS)
 
 
+def _val_metrics(model, samples, make_loader, device, num_classes, amp=None) -> dict:
+    """Accuracy and (calibrated) loss on the selection split, the work split over the DDP ranks (every rank calls it
+    and gets the same value: engine.evaluate_sharded). Patched in tests."""
+    return engine.evaluate_sharded(model, samples, make_loader, device, num_classes, amp=amp)
+
+
 def _val_accuracy(model, samples, make_loader, device, num_classes, amp=None) -> float:
-    """Top-1 on the selection split, the work split over the DDP ranks (every rank calls it and gets the same value:
-    engine.evaluate_sharded). Patched in tests."""
-    return engine.evaluate_sharded(model, samples, make_loader, device, num_classes, amp=amp)["accuracy"]
+    """Top-1 on the selection split (_val_metrics). Patched in tests."""
+    return _val_metrics(model, samples, make_loader, device, num_classes, amp)["accuracy"]
 
 
 def _teacher_accuracy(teacher, samples, make_loader, device, num_classes, amp=None) -> float:
@@ -624,10 +629,13 @@ class Compression:
             f"lr head {cc.lr:g}, backbone {cc.lr * cc.backbone_lr_mult:g}, warmup {cc.warmup_epochs:g} epoch"
             + (", teacher logits cached" if self.cached is not None else ""))
         for rec in self.train_epochs(cc.epochs, "distil"):
-            rec["val_accuracy"] = self.val_acc(self.model)
+            val = _val_metrics(self.model, self.data.val, self.make_eval, self.device, self.num_classes, self.amp)
+            rec.update(val_accuracy=val["accuracy"], val_calibrated_loss=val["calibrated_loss"],
+                       val_temperature=val["temperature"], val_loss=val["loss"])
             st["distill_history"].append(rec)
-            if cc.keep_best_epoch and rec["val_accuracy"] >= st.get("distil_best", {}).get("val_accuracy", -1.0):
-                st["distil_best"] = {"epoch": rec["epoch"], "val_accuracy": rec["val_accuracy"],
+            score = selection_score(val, cc.select_by)
+            if cc.keep_best_epoch and score <= st.get("distil_best", {}).get("score", math.inf):  # ties: the later
+                st["distil_best"] = {"epoch": rec["epoch"], "val_accuracy": rec["val_accuracy"], "score": score,
                                      "model": _snapshot(self.model)}
             log(f"distil epoch {rec['epoch'] + 1}/{cc.epochs}: train loss {rec['train_loss']:.4f} acc "
                 f"{rec['train_accuracy']:.4f} | selection acc {rec['val_accuracy']:.4f} | {rec['images_per_s']:.0f} img/s")
@@ -663,17 +671,17 @@ class Compression:
         self.save_ckpt()
 
     def keep_best_epoch(self) -> None:
-        """The distilled student is its best epoch on the selection split, as finetune keeps its best checkpoint: on
-        both photo sets at 224 px the selection accuracy peaked at epoch 2 of 4 and then fell while train accuracy
-        rose (flowers 0.922 -> 0.894, cats 0.993 -> 0.987). Ties go to the later, longer-distilled epoch."""
+        """The distilled student is its best epoch on the selection split by compress.select_by, as finetune keeps its
+        best checkpoint: on both photo sets at 224 px the selection accuracy peaked at epoch 2 of 4 and then fell
+        while train accuracy rose (flowers 0.922 -> 0.894, cats 0.993 -> 0.987). Ties go to the later epoch."""
         best = self.st.pop("distil_best", None)
         if best is None:
             return
         self.st["student_epoch"] = best["epoch"]
         if best["epoch"] != self.st["distill_history"][-1]["epoch"]:
             self.stage.log(f"distilled student: epoch {best['epoch'] + 1} (selection accuracy "
-                           f"{best['val_accuracy']:.4f}) is kept, not the last one "
-                           f"({self.st['distill_history'][-1]['val_accuracy']:.4f})")
+                           f"{best['val_accuracy']:.4f}, {self.cc.select_by} {abs(best['score']):.4f}) is kept, not "
+                           f"the last one ({self.st['distill_history'][-1]['val_accuracy']:.4f})")
             engine.unwrap(self.model).load_state_dict(best["model"])
 
     # ------------------------------------------------------------------ 2. pruning, recovery, budget

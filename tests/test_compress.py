@@ -453,41 +453,45 @@ def test_a_second_run_on_the_same_run_dir_is_refused_and_leftovers_are_cleaned(m
     assert not stale.exists()
 
 
-def test_the_distilled_student_is_its_best_epoch_on_the_selection_split(make_config, monkeypatch):
-    """Of the distillation epochs, the one with the best selection accuracy becomes student.pt (ties: the later one),
-    not the last. Accuracies are scripted per epoch; a re-evaluation of weights seen before gets their first answer,
-    so the check also proves that the kept weights are that epoch's."""
-    cfg = make_config(*QUICK, "compress.epochs=4", "compress.target_macs_ratio=1.0", "compress.probe_init=false")
-    make_teacher(cfg)
-    per_epoch = iter([0.50, 0.90, 0.70, 0.90, 0.60])  # epochs 1..4, then epoch 5 of the control run
+def test_the_distilled_student_is_its_best_epoch_on_the_selection_split(make_config, monkeypatch, tmp_path):
+    """Of the distillation epochs, the one with the lowest selection score by compress.select_by becomes student.pt
+    (ties: the later one), not the last. Accuracy and calibrated loss are scripted per epoch and rank the epochs
+    differently; a re-evaluation of weights seen before gets their first answer, so the check also proves that the
+    kept weights are that epoch's."""
+    # (accuracy, calibrated loss) of epochs 1..4, then of a fifth set of weights (never expected)
+    scripts = {"accuracy": [(0.50, 0.9), (0.90, 0.3), (0.70, 0.5), (0.90, 0.4), (0.60, 0.9)],
+               "calibrated_loss": [(0.50, 0.9), (0.90, 0.2), (0.85, 0.2), (0.95, 0.6), (0.60, 0.9)]}
     seen: list[tuple] = []
+    per_epoch = iter(())
 
     def scripted(model, *args, **kw):
         key = tuple(round(float(v.double().sum()), 6) for v in engine.unwrap(model).state_dict().values()
                     if v.is_floating_point())
-        for k, acc in seen:
+        for k, val in seen:
             if k == key:
-                return acc
-        seen.append((key, next(per_epoch)))
+                return val
+        acc, cal = next(per_epoch)
+        seen.append((key, {"accuracy": acc, "calibrated_loss": cal, "loss": cal + 0.1, "temperature": 1.0}))
         return seen[-1][1]
-    monkeypatch.setattr(compress, "_val_accuracy", scripted)
+    monkeypatch.setattr(compress, "_val_metrics", scripted)
     monkeypatch.setattr(compress, "_teacher_accuracy", lambda *a, **k: 0.90)
-    compress.run(cfg)
-    m = json.loads((cfg.run_dir / "compress" / "metrics.json").read_text())
-    assert [h["val_accuracy"] for h in m["distill_history"]] == [0.50, 0.90, 0.70, 0.90]
-    assert m["student_epoch"] == 3 and m["steps"][0]["val_accuracy"] == 0.90  # the later of the two 0.90 epochs
-    assert len(seen) == 4  # student.pt's weights are epoch 4's: no fifth set of weights was scored
-
-    seen.clear()
-    per_epoch = iter([0.50, 0.90, 0.70, 0.60, 0.55])
-    cfg = make_config(*QUICK, "compress.epochs=4", "compress.target_macs_ratio=1.0", "compress.probe_init=false",
-                      run_dir=cfg.run_dir.parent / "best_in_the_middle")
-    make_teacher(cfg)
-    compress.run(cfg)
-    m = json.loads((cfg.run_dir / "compress" / "metrics.json").read_text())
-    assert m["student_epoch"] == 1 and m["steps"][0]["val_accuracy"] == 0.90 and len(seen) == 4
-    student, _ = load_model_artifact(cfg.run_dir / "compress" / "student.pt")
-    assert scripted(student) == 0.90 and len(seen) == 4  # the saved weights are epoch 2's
+    expected = {"accuracy": 3,             # the later of the two 0.90 epochs
+                "calibrated_loss": 2}      # the later of the two 0.2 losses, not epoch 4's highest accuracy
+    for rule in scripts:
+        seen.clear()
+        per_epoch = iter(scripts[rule])
+        cfg = make_config(*QUICK, "compress.epochs=4", "compress.target_macs_ratio=1.0", "compress.probe_init=false",
+                          f"compress.select_by={rule}", run_dir=tmp_path / f"best_{rule}")
+        make_teacher(cfg)
+        compress.run(cfg)
+        m = json.loads((cfg.run_dir / "compress" / "metrics.json").read_text())
+        assert [h["val_accuracy"] for h in m["distill_history"]] == [a for a, _ in scripts[rule][:4]]
+        assert [h["val_calibrated_loss"] for h in m["distill_history"]] == [c for _, c in scripts[rule][:4]]
+        k = expected[rule]
+        assert m["student_epoch"] == k and m["steps"][0]["val_accuracy"] == scripts[rule][k][0], rule
+        assert len(seen) == 4, rule  # student.pt's weights are the kept epoch's: no fifth set was scored
+        student, _ = load_model_artifact(cfg.run_dir / "compress" / "student.pt")
+        assert scripted(student)["accuracy"] == scripts[rule][k][0] and len(seen) == 4, rule
 
 
 def test_recovery_runs_its_whole_schedule_and_the_step_is_judged_on_the_final_weights(make_config, monkeypatch):
