@@ -638,7 +638,8 @@ class Compression:
                 st["distil_best"] = {"epoch": rec["epoch"], "val_accuracy": rec["val_accuracy"], "score": score,
                                      "model": _snapshot(self.model)}
             log(f"distil epoch {rec['epoch'] + 1}/{cc.epochs}: train loss {rec['train_loss']:.4f} acc "
-                f"{rec['train_accuracy']:.4f} | selection acc {rec['val_accuracy']:.4f} | {rec['images_per_s']:.0f} img/s")
+                f"{rec['train_accuracy']:.4f} | selection acc {rec['val_accuracy']:.4f} (calibrated loss "
+                f"{rec['val_calibrated_loss']:.4f}) | {rec['images_per_s']:.0f} img/s")
             self.save_ckpt()
         self.keep_best_epoch()
         st["student_val"] = self.val_acc(self.model)
