@@ -714,7 +714,6 @@ def predict(model, loader, device, amp=None, channels_last: bool = False) -> tup
 
 # calibrated_loss's grid: 0.03 .. 31.6, 121 points 10 ** 0.025 (5.9%) apart
 TEMPERATURES = torch.logspace(-1.5, 1.5, 121, dtype=torch.float64)
-TEMPERATURE_STEP_LOG10 = float(torch.log10(TEMPERATURES[1] / TEMPERATURES[0]))
 
 
 def calibrated_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

@@ -1034,7 +1034,8 @@ def _assert_same_figures(sharded: dict, single: dict) -> None:
     # the best temperature to one step of calibrated_loss's grid (a near-tie between two grid points can flip)
     assert sharded["loss"] == pytest.approx(single["loss"], abs=1e-6)
     assert sharded["calibrated_loss"] == pytest.approx(single["calibrated_loss"], abs=1e-6)
-    assert abs(math.log10(sharded["temperature"] / single["temperature"])) <= engine.TEMPERATURE_STEP_LOG10 + 1e-9
+    grid_step = math.log10(engine.TEMPERATURES[1] / engine.TEMPERATURES[0])
+    assert abs(math.log10(sharded["temperature"] / single["temperature"])) <= grid_step + 1e-9
     inexact = {"loss": None, "calibrated_loss": None, "temperature": None}
     assert {**sharded, **inexact} == {**single, **inexact}  # accuracy, n, confusion matrix, per-class
 
