@@ -84,6 +84,12 @@ class FinetuneConfig:
     # in one run, 0.8925 in a rerun, vs 0.890 at 6 epochs without; twice the time, and a teacher better on the
     # selection split only, which the student then could not match (docs/accuracy.md). 6 stays.
     epochs: int = 6
+    # The teacher's input size. None: data.image_size, but never below the size its weights were trained at. The
+    # teacher is never shipped; data.image_size is the shipped model's size. A teacher shown smaller images than it
+    # learned on loses accuracy (train-test resolution discrepancy, Touvron et al. 2019), and its student with it:
+    # flowers, tf_efficientnet_lite2 fine-tuned at 224 px 0.8725 vs 0.8975 at its 260 px (report split, 400 images;
+    # docs/accuracy.md). A number forces a size; 0 = data.image_size exactly (the digits preset: 64 px digits).
+    image_size: typing.Optional[int] = None
     head_epochs: int = 2                 # two_phase: epochs with the backbone frozen
     freeze_blocks: int = 2               # partial: how many leading blocks stay frozen
     # Start the new head from the closed-form probe (logistic regression on the frozen pretrained
@@ -252,7 +258,7 @@ DATASET_PRESETS = {
     "builtin:digits": {
         "data": {"image_size": 64, "crop_pct": 1.0, "hflip": False, "scale_min": 0.7, "rotation": 10.0,
                  "auto_augment": "none"},
-        "finetune": {"strategy": "two_phase", "epochs": 5, "head_epochs": 1, "lr": 0.003, "backbone_lr_mult": 0.1},
+        "finetune": {"image_size": 0, "strategy": "two_phase", "epochs": 5, "head_epochs": 1, "lr": 0.003, "backbone_lr_mult": 0.1},
         "compress": {"epochs": 3, "pruning_steps": 3, "recovery_epochs": 2, "importance": "magnitude",
                      "backbone_lr_mult": 1.0,
                      "recovery_lr": 0.0005, "probe_init": False, "freeze_bn_stats": False},

@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 import random
@@ -345,6 +347,16 @@ def resolve_preprocessing(pretrained: dict, cfg_data) -> dict:
         pretrained["crop_size"] / pretrained["resize_size"]
     interp = cfg_data.interpolation or pretrained["interpolation"]
     return make_preprocessing(size, pretrained["mean"], pretrained["std"], interp, crop_pct)
+
+
+def teacher_preprocessing(pretrained: dict, cfg) -> dict:
+    """The teacher's preprocessing: resolve_preprocessing at finetune.image_size, which by default (None) is
+    data.image_size but never below the size the teacher's weights were trained at (config.FinetuneConfig.image_size
+    says why); 0 = data.image_size exactly."""
+    forced = cfg.finetune.image_size
+    size = (cfg.data.image_size if forced == 0 else forced) if forced is not None else \
+        max(cfg.data.image_size or 0, pretrained["crop_size"])
+    return resolve_preprocessing(pretrained, dataclasses.replace(cfg.data, image_size=size))
 
 
 def _interp(name: str):

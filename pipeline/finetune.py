@@ -35,7 +35,7 @@ from torchvision.transforms import v2
 
 from models import backbone_blocks, build_model, find_head, save_model_artifact
 from pipeline import artifacts, engine, probe
-from pipeline.data import (class_counts, eval_loaders, make_loader, prepare_data_all_ranks, resolve_preprocessing,
+from pipeline.data import (class_counts, eval_loaders, make_loader, prepare_data_all_ranks, teacher_preprocessing,
                            steps_per_epoch, summary)
 from pipeline.stage import Stage
 
@@ -235,7 +235,7 @@ def run(cfg, force: bool = False) -> dict:
     num_classes = len(data.classes)
     torch.manual_seed(cfg.run.seed)
     model, pretrained = build_model(cfg.teacher.name, num_classes, cfg.teacher.weights)
-    pre = resolve_preprocessing(pretrained, cfg.data)
+    pre = teacher_preprocessing(pretrained, cfg)
     model.to(stage.device)
     if engine.use_channels_last(cfg.finetune.channels_last, stage.device):  # before the probe's feature pass too
         model.to(memory_format=torch.channels_last)

