@@ -16,7 +16,7 @@ from torch import nn
 from models import build_model, find_head, load_model_artifact, rebuild_pruned, save_model_artifact
 from pipeline import artifacts, compress, engine
 from pipeline.config import ConfigError
-from pipeline.data import prepare_data, resolve_preprocessing
+from pipeline.data import prepare_data, teacher_preprocessing
 from pipeline.stage import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def make_teacher(cfg, seed: int = 0) -> Path:
     model, pretrained = build_model(cfg.teacher.name, len(data.classes), "none")
     path = cfg.run_dir / "finetune" / "teacher.pt"
     save_model_artifact(path, model, name=cfg.teacher.name, classes=data.classes,
-                        preprocessing=resolve_preprocessing(pretrained, cfg.data))
+                        preprocessing=teacher_preprocessing(pretrained, cfg))
     artifacts.write_manifest(path.parent, "finetune", "test", {}, ["teacher.pt"], {})
     return path
 
@@ -187,7 +187,8 @@ def test_prune_to_params_target(make_config):
 def test_compress_writes_artifacts_reaches_target_skips_and_reruns(make_config, capsys):
     # The accuracy budget is open here (random teacher, tiny data): with it, reaching the target is what the
     # code guarantees (bisection on measured MACs), on any machine.
-    cfg = make_config(*QUICK, "compress.max_accuracy_drop=1.0", "run.max_accuracy_drop=1.0")
+    # the teacher at its own input size (finetune.image_size), the student at data.image_size: each its own view
+    cfg = make_config(*QUICK, "compress.max_accuracy_drop=1.0", "run.max_accuracy_drop=1.0", "finetune.image_size=40")
     make_teacher(cfg)
     out = compress.run(cfg)
     stage = cfg.run_dir / "compress"
@@ -204,6 +205,8 @@ def test_compress_writes_artifacts_reaches_target_skips_and_reruns(make_config, 
     assert m["pruning_curve"][-1]["macs"] == m["pruned"]["macs"]
     assert all("val_accuracy_before_recovery" in c and "val_accuracy_after_recovery" in c for c in m["pruning_curve"])
     assert m["kd"]["separate_teacher_preprocessing"] is True  # resnet10t (ImageNet mean/std) vs lite0 (0.5)
+    assert m["preprocessing"]["teacher"]["input_size"] == [3, 40, 40]
+    assert m["preprocessing"]["student"]["input_size"] == [3, 32, 32]
     # every pruning step's model is kept (export may fall back to less pruning), and the student's probe
     assert [c["file"] for c in m["steps"]] == ["student.pt", "pruned_step1.pt", "pruned_step2.pt"]
     assert m["probe"]["C"] > 0 and 0 <= m["probe"]["selection_accuracy"] <= 1
