@@ -258,7 +258,8 @@ DATASET_PRESETS = {
     "builtin:digits": {
         "data": {"image_size": 64, "crop_pct": 1.0, "hflip": False, "scale_min": 0.7, "rotation": 10.0,
                  "auto_augment": "none"},
-        "finetune": {"image_size": 0, "strategy": "two_phase", "epochs": 5, "head_epochs": 1, "lr": 0.003, "backbone_lr_mult": 0.1},
+        "finetune": {"image_size": 0, "strategy": "two_phase", "epochs": 5, "head_epochs": 1, "lr": 0.003,
+                     "backbone_lr_mult": 0.1},
         "compress": {"epochs": 3, "pruning_steps": 3, "recovery_epochs": 2, "importance": "magnitude",
                      "backbone_lr_mult": 1.0,
                      "recovery_lr": 0.0005, "probe_init": False, "freeze_bn_stats": False},

@@ -10,14 +10,12 @@
 """
 from __future__ import annotations
 
-import dataclasses
-
 import math
 import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -353,10 +351,12 @@ def teacher_preprocessing(pretrained: dict, cfg) -> dict:
     """The teacher's preprocessing: resolve_preprocessing at finetune.image_size, which by default (None) is
     data.image_size but never below the size the teacher's weights were trained at (config.FinetuneConfig.image_size
     says why); 0 = data.image_size exactly."""
-    forced = cfg.finetune.image_size
-    size = (cfg.data.image_size if forced == 0 else forced) if forced is not None else \
-        max(cfg.data.image_size or 0, pretrained["crop_size"])
-    return resolve_preprocessing(pretrained, dataclasses.replace(cfg.data, image_size=size))
+    size = cfg.finetune.image_size
+    if size is None:
+        size = max(cfg.data.image_size or 0, pretrained["crop_size"])
+    elif size == 0:
+        size = cfg.data.image_size
+    return resolve_preprocessing(pretrained, replace(cfg.data, image_size=size))
 
 
 def _interp(name: str):
