@@ -182,7 +182,9 @@ class CompressConfig:
     global_pruning: bool = False         # rank channels across layers instead of the same ratio per layer
     max_layer_pruning_ratio: float = 0.9  # at most this fraction of a layer's channels per pruning step
     taylor_batches: int = 4              # importance=taylor: training batches whose gradients score channels
-    bn_recalibration_batches: int = 20   # after each pruning step: re-estimate BatchNorm statistics (0 = off)
+    # after each pruning step: re-estimate BatchNorm statistics (0 = off); only with freeze_bn_stats off, as the
+    # frozen statistics are what every layer was trained against (compress.recalibrates_bn)
+    bn_recalibration_batches: int = 20
     # Latency-aware pruning (pipeline/latency.py, docs/compress.md): a target in measured ms on ONNX Runtime's CPU
     # EP instead of MACs. target_latency_ms (absolute) or target_latency_ratio (of the distilled student's
     # measured latency); at most one, and not with target_params_ratio. Either one overrides target_macs_ratio.
