@@ -213,6 +213,13 @@ def test_compress_writes_artifacts_reaches_target_skips_and_reruns(make_config, 
     for name in ("pruned_step1.pt", "pruned_step2.pt", "probe_student.pt"):
         load_model_artifact(stage / name)
     _assert_same_weights(_state(stage / "pruned_step2.pt"), _state(stage / "pruned.pt"))
+    # frozen BatchNorm statistics (the photo default) are what every layer was trained against: a pruned model keeps
+    # the student's, per layer, for the channels it kept, instead of re-estimating them (compress.recalibrates_bn)
+    assert [c.get("bn_recalibrated") for c in m["pruning_curve"]] == [None, False, False]
+    student_state = _state(stage / "student.pt")
+    for key, stat in _state(stage / "pruned_step2.pt").items():
+        if key.endswith(("running_mean", "running_var")):
+            assert torch.isin(stat, student_state[key]).all(), key
     assert json.loads((stage / "config.json").read_text())["compress"]["target_macs_ratio"] == 0.5
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["inputs"]["teacher.pt"] == artifacts.sha256_file(cfg.run_dir / "finetune" / "teacher.pt")
